@@ -1,0 +1,105 @@
+"""The Ray Serve application: an HTTP ingress and a multiplexed model deployment. The Ray-specific layer only.
+
+    serve run serve_app/config.yaml            # or: serve deploy serve_app/config.yaml (against a running cluster)
+    curl localhost:8000/v1/chat/completions -d '{"model": "sentiment", "messages": [{"role": "user", "content": "..."}]}'
+
+`Ingress` resolves the request's `model` to a canonical adapter id and calls `LoraModel` with that id as the
+multiplexed model id, so Serve routes it preferentially to a replica that already holds the adapter. Each
+`LoraModel` replica holds one base model and up to `adapters_per_replica` adapters (Serve's multiplex LRU; an
+evicted adapter is unregistered from the engine), and batches every request it gets, whatever its adapter, in one
+engine (see serve_app/engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from adapters.registry import AdapterRegistry
+from serve_app.api import create_api
+from serve_app.app_config import ServeAppConfig
+
+log = logging.getLogger(__name__)
+
+
+class _AdapterHandle:
+    """What Serve's multiplex cache holds per adapter; Serve calls `__del__` when it evicts the adapter."""
+
+    def __init__(self, service: Any, adapter_id: str) -> None:
+        self._service, self.adapter_id, self._released = service, adapter_id, False
+
+    def __del__(self) -> None:  # called by Serve on eviction (in a thread) and again by GC: must be idempotent
+        if not self._released:
+            self._released = True
+            self._service.unload_adapter(self.adapter_id)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class LoraModel:
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+        import torch
+
+        from serve_app.metrics import RayMetrics
+        from serve_app.model_service import ModelService
+
+        cfg = ServeAppConfig.model_validate(config)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus and not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(cpus)))  # replicas sharing a node must not oversubscribe its cores
+        self.service = service = ModelService(cfg, metrics=RayMetrics())
+
+        async def load_adapter(adapter_id: str) -> _AdapterHandle:  # a closure: Serve sets attributes on it
+            await service.load_adapter(adapter_id)
+            return _AdapterHandle(service, adapter_id)
+
+        self._multiplexed = serve.multiplexed(max_num_models_per_replica=cfg.adapters_per_replica)(load_adapter)
+
+    async def generate(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]:
+        if adapter_id:
+            try:
+                await self._multiplexed(adapter_id)  # registers with Serve's LRU (and the router's view)
+            except Exception:
+                pass  # the service reports the reason as an error event below
+        async for event in self.service.generate(payload, adapter_id):
+            yield event
+
+    def info(self) -> dict[str, Any]:
+        return self.service.info()
+
+    def check_health(self) -> None:
+        if not self.service.engine._thread.is_alive():
+            raise RuntimeError("engine loop thread died")
+
+
+class _RayBackend:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    def stream(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]:
+        options = {"stream": True, "multiplexed_model_id": adapter_id or ""}
+        return self.handle.options(**options).generate.remote(payload, adapter_id)
+
+
+@serve.deployment(max_ongoing_requests=512)
+@serve.ingress()
+class Ingress:
+    def __init__(self, model: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.model = model
+        self.config = ServeAppConfig.model_validate(config)
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        info = await self.model.info.remote()
+        cfg = self.config
+        registry = AdapterRegistry(info["base_model"], cfg.catalog_dir, cfg.resolved_mlflow_uri(), cfg.registry_ttl_s)
+        return create_api(_RayBackend(self.model), registry, info["base_model"], cfg)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """App builder for `serve run` / `serve deploy`: `args` is the config file's `args:` (a ServeAppConfig)."""
+    config = ServeAppConfig.model_validate(args or {}).model_dump()
+    return Ingress.bind(LoraModel.bind(config), config)

@@ -1,0 +1,26 @@
+"""Engine configuration (pydantic, extra fields refused): memory bounds, adapter slots, scheduling knobs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.base_models import DType
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    dtype: DType = Field("auto", description="weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
+    max_running: int = Field(16, ge=1, le=1024, description="sequences decoding together (KV slots)")
+    max_seq_len: int = Field(1024, ge=16, description="prompt + generated tokens per sequence (KV per slot)")
+    max_queue: int = Field(1024, ge=1, description="waiting requests beyond which new ones are refused (429)")
+    max_loras: int = Field(8, ge=1, description="adapter slots on the device = distinct adapters in one step")
+    max_lora_rank: int = Field(16, ge=1, le=256, description="slot rank; lower-rank adapters are zero-padded")
+    prefill_chunk: int = Field(256, ge=8, description="prompt tokens processed per step for one sequence")
+    starvation_s: float = Field(
+        2.0, ge=0, description="an adapter waiting longer than this for a slot stops new admissions of running ones"
+    )
+    lora_kernel: Literal["auto", "gather", "triton"] = "auto"

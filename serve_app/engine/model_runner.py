@@ -1,0 +1,137 @@
+"""The forward pass of a Llama-family decoder (Llama, Mistral, Qwen2) over the engine's own KV cache, with the
+batched-LoRA operator on all seven projections.
+
+It reuses the Hugging Face model's modules (embeddings, RMSNorms, linear layers — plain or bitsandbytes 4-bit —,
+rotary embedding, activation) so numerics match `transformers` and any loadable checkpoint works, but owns the
+loop: `decode` runs one token for every row (row i uses KV slot i), `prefill` runs one chunk of one prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from adapters.batched_lora import LoraBatch, apply_lora
+from adapters.slot_bank import LoraSlotBank
+from serve_app.engine.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class ModelRunner:
+    def __init__(self, model: Any, kv: KVCache, bank: LoraSlotBank) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"model_type '{config.model_type}' is not supported by the engine ({', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and kv.max_len > window:
+            raise UnsupportedModel(f"max_seq_len {kv.max_len} exceeds the model's sliding window {window}")
+        self.model = model
+        self.layers = model.model.layers
+        self.embed = model.model.embed_tokens
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.rotary = model.model.rotary_emb
+        self.kv = kv
+        self.bank = bank
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.vocab_size = config.vocab_size
+
+    # -- one decoder layer, shared by decode and prefill -----------------------------------------------------
+    def _layer(self, index: int, h: torch.Tensor, cos_sin: tuple, attend, lora: LoraBatch | None) -> torch.Tensor:
+        layer = self.layers[index]
+        attn, mlp, bank, r = layer.self_attn, layer.mlp, self.bank, self.bank.rank
+        x = layer.input_layernorm(h)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        apply_lora(lora, x, bank.a["qkv"][index], [(q, bank.b["q_proj"][index]), (k, bank.b["k_proj"][index]),
+                                                   (v, bank.b["v_proj"][index])], r)  # fmt: skip
+        n = h.shape[0]
+        q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
+        k = k.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        out = attend(index, q, k, v)  # [n, H * d]
+        o = attn.o_proj(out)
+        apply_lora(lora, out, bank.a["o"][index], [(o, bank.b["o_proj"][index])], r)
+        h = h + o
+        x = layer.post_attention_layernorm(h)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        apply_lora(lora, x, bank.a["gate_up"][index], [(gate, bank.b["gate_proj"][index]),
+                                                       (up, bank.b["up_proj"][index])], r)  # fmt: skip
+        act = mlp.act_fn(gate) * up
+        down = mlp.down_proj(act)
+        apply_lora(lora, act, bank.a["down"][index], [(down, bank.b["down_proj"][index])], r)
+        return h + down
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [1, n, d] for the n tokens (decode: one per row), as HF's rotary module computes them."""
+        return self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+    # -- decode: one new token for rows 0..B-1 (row i = KV slot i) -------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """tokens/positions [B] -> logits [B, V]. Each row's K/V is written at its position, then attends to
+        positions <= its own."""
+        rows = tokens.shape[0]
+        live = int(positions.max()) + 1
+        mask = (torch.arange(live, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        row_index = torch.arange(rows, device=tokens.device)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = self.kv.k[index], self.kv.v[index]
+            # q/k/v arrive as [1, heads, B, d]: token n of the batch is row n.
+            k_cache[row_index, :, positions] = k[0].transpose(0, 1)
+            v_cache[row_index, :, positions] = v[0].transpose(0, 1)
+            query = q[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, d]
+            out = F.scaled_dot_product_attention(
+                query, k_cache[:rows, :, :live], v_cache[:rows, :, :live], attn_mask=mask, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # fmt: skip
+            return out.reshape(rows, self.num_heads * self.head_dim)
+
+        h = self.embed(tokens)
+        cos_sin = self._rope(h, positions)
+        for index in range(len(self.layers)):
+            h = self._layer(index, h, cos_sin, attend, lora)
+        return self._logits(h)
+
+    # -- prefill: one chunk of one prompt into one KV slot ---------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: torch.Tensor, start: int, lora: LoraBatch | None) -> torch.Tensor:
+        """tokens [C] at positions start..start+C-1 -> logits [V] of the last token."""
+        count = tokens.shape[0]
+        end = start + count
+        positions = torch.arange(start, end, device=tokens.device)
+        causal = start == 0
+        mask = None if causal else torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = self.kv.k[index], self.kv.v[index]
+            k_cache[slot, :, start:end] = k[0]
+            v_cache[slot, :, start:end] = v[0]
+            out = F.scaled_dot_product_attention(
+                q, k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end], attn_mask=mask,
+                is_causal=causal, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # fmt: skip
+            return out[0].transpose(0, 1).reshape(count, self.num_heads * self.head_dim)
+
+        h = self.embed(tokens)
+        cos_sin = self._rope(h, positions)
+        for index in range(len(self.layers)):
+            h = self._layer(index, h, cos_sin, attend, lora)
+        return self._logits(h[-1:])[0]
