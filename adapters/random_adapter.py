@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from adapters.lora_files import CONFIG_FILE, META_BASE_FINGERPRINT, META_BASE_NAME, PROJECTIONS, WEIGHTS_FILE, BaseShapes
+from adapters.lora_files import (
+    CONFIG_FILE,
+    META_BASE_FINGERPRINT,
+    META_BASE_NAME,
+    PROJECTIONS,
+    WEIGHTS_FILE,
+    BaseShapes,
+)
 
 
 def _module_path(layer: int, proj: str) -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from adapters.registry import AdapterRegistry, IncompatibleAdapter, UnknownAdapter

@@ -70,8 +70,8 @@ class LoraEngine:
         model = base.model
         self.device = next(model.parameters()).device
         dtype = torch_dtype(config.dtype, self.device.type) if not base.quantized else model.dtype
-        if not base.quantized:
-            model.to(dtype)
+        if not base.quantized and model.dtype != dtype:
+            model.to(dtype)  # (a model already in `dtype` is left alone: it may carry fp32 LoRA weights)
         self.dtype = dtype
         mc = model.config
         self.shapes = BaseShapes.from_config(mc, base.fingerprint, base.name)
@@ -210,10 +210,13 @@ class LoraEngine:
         outputs: list[TokenOutput] = []
         self._admit()
         finished: list[Sequence] = []
-        prefilling = [s for s in self._slots if s is not None and s.state is State.PREFILL]
-        if prefilling:
-            seq = min(prefilling, key=lambda s: s.arrival)
-            self._prefill_chunk(seq, outputs, finished)
+        budget = self.config.prefill_chunk  # prompt tokens per step, shared by the oldest prefilling sequences
+        prefilling = sorted((s for s in self._slots if s is not None and s.state is State.PREFILL),
+                            key=lambda s: s.arrival)  # fmt: skip
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, budget, outputs, finished)
         rows = self._slots[: self._n_decode]
         if rows:
             self._decode(rows, outputs, finished)  # type: ignore[arg-type]
@@ -241,17 +244,19 @@ class LoraEngine:
         idx = torch.tensor(slots, device=self.device).repeat_interleave(count if len(slots) == 1 else 1)
         return LoraBatch(idx)
 
-    def _prefill_chunk(self, seq: Sequence, outputs: list[TokenOutput], finished: list[Sequence]) -> None:
-        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + self.config.prefill_chunk]
+    def _prefill_chunk(self, seq: Sequence, budget: int, outputs: list[TokenOutput], finished: list[Sequence]) -> int:
+        """Prefill up to `budget` more prompt tokens of `seq`; return how many were processed."""
+        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
         tokens = torch.tensor(chunk, device=self.device)
         logits = self.runner.prefill(seq.kv_slot, tokens, seq.prefilled, self._lora_for((seq.lora_slot,), len(chunk)))
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.prompt_ids):
-            return
+            return len(chunk)
         seq.first_token_at = time.monotonic()
         token = sample(logits[None], [seq])[0]
         if not self._append(seq, token, outputs, finished):
             self._join_decode(seq)
+        return len(chunk)
 
     def _decode(self, rows: list[Sequence], outputs: list[TokenOutput], finished: list[Sequence]) -> None:
         tokens = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)

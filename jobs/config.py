@@ -1,0 +1,260 @@
+"""The sweep config: one YAML file says what to fine-tune, how, where it runs and where it is tracked.
+
+Validated by pydantic (unknown keys refused, every error names its field). `trials()` expands tasks x grid into
+one `TrialSpec` per adapter. See jobs/configs/*.yaml for commented examples.
+
+    python -m jobs.config jobs/configs/cpu-smollm2.yaml      # validate and list the trials
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapters.base_models import QuantizationConfig
+from adapters.lora_files import PROJECTIONS
+from jobs.tasks import TASKS
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, le=256)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            unknown = sorted(set(value) - set(PROJECTIONS))
+            if unknown or not value:
+                raise ValueError(f"unknown modules {unknown}; choose from {list(PROJECTIONS)} or 'all-linear'")
+        return value
+
+    def modules(self) -> list[str]:
+        return list(PROJECTIONS) if self.target_modules == "all-linear" else list(self.target_modules)
+
+
+class TrainingSettings(_Strict):
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int | None = Field(200, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=16)
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="steps between quick evals during training; 0 = only at the end")
+    checkpoint_every: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSettings:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of max_steps and epochs")
+        return self
+
+
+class EvaluationSettings(_Strict):
+    max_examples: int = Field(100, ge=1, description="eval-split rows scored at the end (base and adapter)")
+    quick_examples: int = Field(24, ge=1, description="rows scored at each eval_every during training")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1, description="sequences decoded together by the evaluation engine")
+
+
+class ResourceSettings(_Strict):
+    workers_per_adapter: int = Field(1, ge=1, description="DDP workers for one adapter")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="fractional values pack several adapters on one GPU")
+    check_cluster: bool = Field(True, description="refuse trials bigger than the cluster (off with an autoscaler)")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _fraction_or_whole(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("above 1, GPUs per worker must be a whole number")
+        return value
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class MlflowSettings(_Strict):
+    tracking_uri: str | None = Field(None, description="null = $MLFLOW_TRACKING_URI or http://127.0.0.1:5000")
+    experiment: str = "lorafleet"
+    registry_prefix: str = Field("", description="registered model name = prefix + task")
+    register: bool = True
+
+    def uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
+
+
+class DeepSpeedSettings(_Strict):
+    stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class DataPaths(_Strict):
+    train: str
+    eval: str
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    base_model: str = "smollm2-135m"
+    quantization: QuantizationConfig = QuantizationConfig()
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    tasks: list[str] | Literal["all"] = "all"
+    data: dict[str, DataPaths] = Field({}, description="per-task JSONL files replacing the bundled splits")
+    grid: dict[str, list[Any]] = Field({}, description="dotted field -> values; one adapter per combination")
+    resources: ResourceSettings = ResourceSettings()
+    max_concurrent_trials: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker failures survived per adapter (resume from checkpoint)")
+    storage_path: str = Field(".lorafleet/runs", description="checkpoints; shared FS or s3:// on a cluster")
+    mlflow: MlflowSettings = MlflowSettings()
+    deepspeed: DeepSpeedSettings | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one task")
+            for i, name in enumerate(value):
+                if name not in TASKS:
+                    raise ValueError(f"tasks[{i}]: unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _grid_and_data(self) -> SweepConfig:
+        for task in self.data:
+            if task not in self.task_names():
+                raise ValueError(f"data.{task}: not one of this sweep's tasks")
+        for key, values in self.grid.items():
+            section, _, field = key.partition(".")
+            if section not in ("lora", "training", "quantization", "evaluation") or not field:
+                raise ValueError(f"grid key '{key}': use lora.<field>, training.<field> or quantization.<field>")
+            if field not in type(getattr(self, section)).model_fields:
+                raise ValueError(f"grid key '{key}': {section} has no field '{field}'")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid key '{key}': give a non-empty list of values")
+        for point in self.grid_points():  # every combination must itself be valid
+            self.apply(point)
+        return self
+
+    def task_names(self) -> list[str]:
+        return sorted(TASKS) if self.tasks == "all" else list(self.tasks)
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        keys = sorted(self.grid)
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+    def apply(self, point: dict[str, Any]) -> SweepConfig:
+        """This config with one grid point's values set (validated: errors name the grid key)."""
+        data = self.model_dump()
+        for key, value in point.items():
+            section, _, field = key.partition(".")
+            data[section][field] = value
+        data["grid"] = {}
+        try:
+            return SweepConfig.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ValueError(f"grid point {point}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    def trials(self) -> list[TrialSpec]:
+        specs = []
+        for point in self.grid_points():
+            applied = self.apply(point)
+            for task in self.task_names():
+                specs.append(TrialSpec.build(applied, task, point))
+        return specs
+
+
+class TrialSpec(_Strict):
+    """Everything one adapter's training needs; plain data, so it travels to Ray workers."""
+
+    sweep: str
+    task: str
+    adapter_name: str  # unique in the sweep: <task> or <task>-<point id>
+    point: dict[str, Any]
+    point_id: str
+    base_model: str
+    quantization: QuantizationConfig
+    lora: LoraSettings
+    training: TrainingSettings
+    evaluation: EvaluationSettings
+    data: DataPaths | None
+    deepspeed: DeepSpeedSettings | None
+    registered_model: str
+
+    @classmethod
+    def build(cls, config: SweepConfig, task: str, point: dict[str, Any]) -> TrialSpec:
+        point_id = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name = task if not point else f"{task}-{point_id}"
+        return cls(sweep=config.name, task=task, adapter_name=name, point=point, point_id=point_id,
+                   base_model=config.base_model, quantization=config.quantization, lora=config.lora,
+                   training=config.training, evaluation=config.evaluation, data=config.data.get(task),
+                   deepspeed=config.deepspeed, registered_model=f"{config.mlflow.registry_prefix}{task}")  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A sweep config that cannot run; the message is one line naming the field."""
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {where}: {msg}") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Validate a sweep config and list its trials.")
+    parser.add_argument("config")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    for trial in config.trials():
+        print(f"{trial.adapter_name:32s} task={trial.task:20s} point={trial.point}")
+
+
+if __name__ == "__main__":
+    main()
