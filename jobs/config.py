@@ -105,7 +105,7 @@ class MlflowSettings(_Strict):
     tracking_uri: str | None = Field(None, description="null = $MLFLOW_TRACKING_URI or http://127.0.0.1:5000")
     experiment: str = "lorafleet"
     registry_prefix: str = Field("", description="registered model name = prefix + task")
-    register: bool = True
+    register_models: bool = True
 
     def uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
@@ -163,8 +163,9 @@ class SweepConfig(_Strict):
                 raise ValueError(f"grid key '{key}': {section} has no field '{field}'")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid key '{key}': give a non-empty list of values")
-        for point in self.grid_points():  # every combination must itself be valid
-            self.apply(point)
+        if self.grid:  # every combination must itself be valid (apply() clears the grid, so this terminates)
+            for point in self.grid_points():
+                self.apply(point)
         return self
 
     def task_names(self) -> list[str]:

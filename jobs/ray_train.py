@@ -1,0 +1,120 @@
+"""The Ray Train layer for one adapter: `train_worker` is the TorchTrainer's per-worker function, and
+`fit_adapter` builds and fits that TorchTrainer (DDP over N workers, gloo on CPU / nccl on GPU, checkpoints in
+the run's storage, `FailureConfig(max_failures)` resuming from the latest checkpoint). The training itself is
+`jobs.train_loop.train`, plain Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jobs.config import SweepConfig, TrialSpec
+
+log = logging.getLogger(__name__)
+OUTCOME_FILE = "outcome.json"
+ADAPTER_DIR = "adapter"
+
+
+class RayHooks:
+    """Metrics to MLflow (rank 0) and the job log; checkpoints to Ray Train storage (every rank reports)."""
+
+    def __init__(self, spec: TrialSpec, run_id: str, tracking_uri: str, experiment: str, rank: int) -> None:
+        self.spec, self.rank = spec, rank
+        self.run_id = run_id
+        self._tracker = None
+        if rank == 0:
+            from jobs.tracking import SweepTracker
+
+            self._tracker = SweepTracker(tracking_uri, experiment)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        print(f"[{self.spec.adapter_name}] step {step:5d} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+              flush=True)  # fmt: skip
+        assert self._tracker is not None
+        try:
+            self._tracker.log_metrics(self.run_id, step, metrics)
+        except Exception as err:  # MLflow down longer than its client retries: keep training, say so
+            print(f"[{self.spec.adapter_name}] warning: could not log metrics to MLflow: {err}", flush=True)
+
+    def checkpoint(self, step: int, folder: Path | None, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from jobs.train_loop import train
+
+    spec = TrialSpec.model_validate(config["spec"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    hooks = RayHooks(spec, config["run_id"], config["tracking_uri"], config["experiment"], rank)
+    device = str(ray.train.torch.get_device())
+    with tempfile.TemporaryDirectory() as tmp:
+        resume = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            resume = Path(tmp) / "resume"
+            with checkpoint.as_directory() as folder:
+                shutil.copytree(folder, resume)
+            print(f"[{spec.adapter_name}] resuming from checkpoint {checkpoint.path}", flush=True)
+        wrap = ray.train.torch.prepare_model if world > 1 and spec.deepspeed is None else None
+        out = Path(tmp) / "final"
+        outcome = train(spec, hooks, out / ADAPTER_DIR, resume, rank, world, device, wrap)
+        metrics = {"step": outcome.steps, "adapter_score": outcome.adapter_score, "base_score": outcome.base_score}
+        if rank == 0:
+            record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(outcome).items()}
+            (out / OUTCOME_FILE).write_text(json.dumps(record))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
+        else:
+            ray.train.report(metrics)
+
+
+def fit_adapter(config: SweepConfig, spec: TrialSpec, run_id: str, callbacks: list[Any]) -> Path:
+    """Fit one adapter's TorchTrainer; return a local folder holding `adapter/` and `outcome.json`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    res = config.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run_id,
+                           "tracking_uri": config.mlflow.uri(), "experiment": config.mlflow.experiment},  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=res.workers_per_adapter, use_gpu=res.use_gpu,
+                                     resources_per_worker=per_worker),  # fmt: skip
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{spec.sweep}-{spec.adapter_name}",  # stable: a resubmitted sweep resumes from its checkpoints
+            storage_path=str(Path(config.storage_path).expanduser().absolute())
+            if "://" not in config.storage_path else config.storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training {spec.adapter_name} failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {spec.adapter_name} ended without a final checkpoint")
+    local = Path(tempfile.mkdtemp(prefix=f"lorafleet-{spec.adapter_name}-"))
+    with result.checkpoint.as_directory() as folder:
+        shutil.copytree(folder, local, dirs_exist_ok=True)
+    if not (local / OUTCOME_FILE).exists():
+        raise RuntimeError(f"training {spec.adapter_name}: the last checkpoint is not a final one")
+    return local

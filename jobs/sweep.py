@@ -1,0 +1,166 @@
+"""Fine-tuning sweep: one LoRA/QLoRA adapter per (task x grid point), trained in parallel on a Ray cluster,
+tracked and registered in MLflow.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.sweep --config jobs/configs/cpu-smollm2.yaml
+
+Steps: validate the config -> preflight (datasets, base model, resources, MLflow; nothing is written before these
+pass) -> one MLflow parent run -> Ray Tune runs one trial per adapter, at most `max_concurrent_trials` at a time,
+each fitting its own TorchTrainer (see jobs/ray_train.py) -> every adapter registered as a version of
+`<prefix><task>` with alias `champion` on the best -> summary table and leaderboard chart (also on the parent run).
+Resubmitting the same config skips finished adapters and resumes unfinished ones from their checkpoints.
+`--set training.max_steps=20` overrides any field (same syntax as grid keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.config import ConfigError, SweepConfig, TrialSpec, load_config
+from jobs.preflight import PreflightError, run_preflight
+from jobs.tasks import get_task, split_path
+
+log = logging.getLogger(__name__)
+
+
+def dataset_hash(config: SweepConfig, task: str) -> str:
+    paths = config.data.get(task)
+    files = [Path(paths.train), Path(paths.eval)] if paths else [split_path(task, "train"), split_path(task, "eval")]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_trial(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> None:
+    """A Ray Tune function trainable: train (or skip, if already done) one adapter and register it."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.ray_train import ADAPTER_DIR, OUTCOME_FILE, fit_adapter
+    from jobs.tracking import SweepTracker
+
+    trial = payloads[params["adapter"]]
+    config = SweepConfig.model_validate(trial["config"])
+    spec = TrialSpec.model_validate(trial["spec"])
+    tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
+    run_id, done = tracker.child_run(trial["parent_id"], spec, dataset_hash(config, spec.task))
+    if done:
+        print(f"[{spec.adapter_name}] already trained and registered in run {run_id}: skipped", flush=True)
+        tune.report({"skipped": 1})
+        return
+    folder = fit_adapter(config, spec, run_id, [TuneReportCallback()])
+    outcome = json.loads((folder / OUTCOME_FILE).read_text())
+    metric = get_task(spec.task).metric
+    version = tracker.finish_child(run_id, spec, outcome, folder / ADAPTER_DIR, metric, config.mlflow.register_models)
+    print(f"[{spec.adapter_name}] base {outcome['base_score']:.1f} -> adapter {outcome['adapter_score']:.1f} "
+          f"({metric}); registered {spec.registered_model} version {version}", flush=True)  # fmt: skip
+    tune.report({"adapter_score": outcome["adapter_score"], "base_score": outcome["base_score"], "skipped": 0})
+
+
+def summary_rows(tracker: Any, parent_id: str, trials: list[TrialSpec]) -> list[dict[str, Any]]:
+    from jobs.tracking import TAG_ADAPTER, TAG_VERSION
+
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                      max_results=10_000)  # fmt: skip
+    by_adapter = {r.data.tags.get(TAG_ADAPTER): r for r in runs}
+    rows = []
+    for spec in trials:
+        run = by_adapter.get(spec.adapter_name)
+        m = run.data.metrics if run else {}
+        if "final_adapter_score" not in m:
+            continue
+        rows.append({"task": spec.task, "adapter": spec.adapter_name, "metric": get_task(spec.task).metric,
+                     "base": m["final_base_score"], "adapter_score": m["final_adapter_score"],
+                     "delta": m["final_delta"], "train_s": m["final_train_seconds"],
+                     "tokens_per_s": m["final_tokens_per_s"], "steps": int(m["final_steps"]),
+                     "version": f"{spec.registered_model}/{run.data.tags[TAG_VERSION]}"
+                     if TAG_VERSION in run.data.tags else None, "run_id": run.info.run_id})  # fmt: skip
+    return rows
+
+
+def apply_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
+    point = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: use section.field=value")
+        point[key.strip()] = yaml.safe_load(value)
+    if not point:
+        return config
+    grid = config.grid
+    try:
+        SweepConfig.model_validate({**config.model_dump(), "grid": {k: [v] for k, v in point.items()}})
+        updated = config.apply(point)
+    except ValueError as err:
+        raise ConfigError(f"--set: {str(err).splitlines()[0].removeprefix('grid point ')}") from None
+    return updated.model_copy(update={"grid": grid})
+
+
+def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
+    import ray
+    from ray import tune
+
+    from jobs.leaderboard import plot, print_table
+    from jobs.tracking import SweepTracker
+
+    ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+    checked = run_preflight(config, ray.cluster_resources())
+    print(f"preflight ok: {len(checked['datasets']) // 2} tasks, base {config.base_model}, MLflow {config.mlflow.uri()}")
+    tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
+    parent_id = tracker.parent_run(config)
+    trials = config.trials()
+    print(f"sweep {config.name}: {len(trials)} adapters, {config.max_concurrent_trials} at a time "
+          f"(MLflow parent run {parent_id})", flush=True)  # fmt: skip
+    payload = config.model_dump(mode="json")
+    payloads = {s.adapter_name: {"config": payload, "spec": s.model_dump(mode="json"), "parent_id": parent_id}
+                for s in trials}  # fmt: skip
+    storage = config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).absolute())
+    tuner = tune.Tuner(
+        # the trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs)
+        tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), {"cpu": 0.01}),
+        param_space={"adapter": tune.grid_search(list(payloads))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials),
+        run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=storage, verbose=1),
+    )
+    results = tuner.fit()
+    failures = [r for r in results if r.error is not None]
+    rows = summary_rows(tracker, parent_id, trials)
+    print_table(rows, f"sweep {config.name} on {config.base_model}")
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = plot(rows, Path(tmp) / "leaderboard.png", f"{config.name}: base vs LoRA adapter") if rows else None
+        tracker.finish_parent(parent_id, rows, chart)
+    for failure in failures:
+        lines = [line for line in str(failure.error).splitlines() if line.strip()]
+        print(f"error: trial {failure.config.get('adapter')} failed: {lines[-1] if lines else failure.error}",
+              file=sys.stderr)  # fmt: skip
+    if failures:
+        raise SystemExit(1)
+    print(f"MLflow: {config.mlflow.uri()}/#/experiments/{tracker.experiment_id}/runs/{parent_id}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        config = apply_overrides(load_config(args.config), args.overrides)
+        run_sweep(config)
+    except (ConfigError, PreflightError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The training loop for one adapter, in plain Python (no Ray): usable on a laptop and inside a Ray Train worker.
+
+    python -m jobs.train_loop --config jobs/configs/cpu-smollm2.yaml --task sentiment --out /tmp/sentiment
+
+Each optimizer step accumulates `grad_accum` micro-batches and normalises the loss by the number of completion
+tokens in the step. Every `log_every` steps it reports loss / lr / tokens per second / memory through `hooks.log`;
+every `eval_every` steps a quick eval (eval loss and the task metric on a few eval rows, decoded by the serving
+engine); every `checkpoint_every` steps a checkpoint through `hooks.checkpoint`. A run given a checkpoint resumes
+at its step with the same data order. At the end the adapter is written in the served format and the base model
+and the adapter are scored on the eval split in one mixed batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from jobs.checkpointing import load_checkpoint, save_adapter, save_checkpoint
+from jobs.config import TrialSpec, load_config
+from jobs.data import Batches, collate, encode_rows
+from jobs.evaluate import BASE, as_base, evaluate
+from jobs.model_setup import build_training
+from jobs.tasks import get_task, load_split
+
+log = logging.getLogger(__name__)
+
+
+class Hooks(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def checkpoint(self, step: int, folder: Path | None, metrics: dict[str, float]) -> None: ...
+
+
+class PrintHooks:
+    """Hooks for a run outside Ray: print metric lines, keep the latest checkpoint folder."""
+
+    def __init__(self) -> None:
+        self.last_checkpoint: Path | None = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        print(f"step {step:5d} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+    def checkpoint(self, step: int, folder: Path | None, metrics: dict[str, float]) -> None:
+        self.last_checkpoint = folder
+
+
+@dataclass
+class TrainOutcome:
+    adapter_dir: Path
+    steps: int
+    train_loss: float
+    tokens_per_s: float
+    train_seconds: float
+    peak_memory_mb: float
+    base_score: float
+    adapter_score: float
+    examples: list[dict[str, str]] = field(default_factory=list)  # a few (input, expected, base, adapter)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    labels = batch["labels"][:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")  # fmt: skip
+    return loss, int((labels != -100).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {k: v.to(device) for k, v in batch.items()}
+    if out["attention_mask"].dim() == 4:
+        out["attention_mask"] = out["attention_mask"].to(dtype)
+    return out
+
+
+def train(
+    spec: TrialSpec,
+    hooks: Hooks,
+    out_dir: Path,
+    resume: Path | None = None,
+    rank: int = 0,
+    world: int = 1,
+    device: str | None = None,
+    wrap_model: Any = None,
+) -> TrainOutcome:
+    """Train one adapter; only rank 0 writes files and evaluates. `wrap_model` wraps for DDP (Ray Train)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t = spec.training
+    task = get_task(spec.task)
+    train_rows = load_split(spec.task, "train", Path(spec.data.train) if spec.data else None)
+    eval_rows = load_split(spec.task, "eval", Path(spec.data.eval) if spec.data else None)[: spec.evaluation.max_examples]
+
+    from transformers import AutoTokenizer
+
+    from adapters.base_models import resolve_base
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(spec.base_model).path)  # the data decides the step count
+    examples = encode_rows(tokenizer, task, train_rows, t.max_seq_len)
+    batches = Batches(examples, t.micro_batch_size, t.max_seq_len, t.packing, t.seed, rank, world)
+    setup = build_training(spec, device, batches.per_epoch, world)
+    model, base = setup.model, setup.base
+    ds = setup.deepspeed_engine
+    forward_model = ds or (wrap_model(model) if wrap_model else model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    compute_dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+
+    step, micro_index = 0, 0
+    if resume is not None:
+        progress = load_checkpoint(resume, model, setup.optimizer, setup.scheduler)
+        step, micro_index = progress["step"], progress["micro_index"]
+        log.info("resumed %s from step %d", spec.adapter_name, step)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    window_loss, window_tokens, window_count, window_start = 0.0, 0, 0, time.monotonic()
+    started, seen_tokens, last_loss = time.monotonic(), 0, float("nan")
+    while step < setup.total_steps:
+        loss_total, target_total, micro = torch.zeros(()), 0, []
+        for _ in range(t.grad_accum):
+            micro.append(batches.at(micro_index))
+            micro_index += 1
+        targets = sum(sum(lb != -100 for lb in ex.labels) for mb in micro for row in mb for ex in row)
+        for mb in micro:
+            batch = _to(collate(mb, pad_id, compute_dtype), device, compute_dtype)
+            loss_sum, count = _loss_sum(forward_model, batch)
+            loss = loss_sum / max(targets, 1)
+            if ds is not None:
+                ds.backward(loss)
+            else:
+                loss.backward()
+            loss_total += loss_sum.detach().float().cpu()
+            target_total += count
+            seen_tokens += int((batch["input_ids"] != pad_id).sum())
+        if ds is not None:
+            ds.step()
+        else:
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+            setup.optimizer.step()
+            setup.scheduler.step()
+            setup.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = float(loss_total) / max(target_total, 1)
+        window_loss += last_loss
+        window_count += 1
+        window_tokens += sum(len(ex.input_ids) for mb in micro for row in mb for ex in row)
+        if step % t.log_every == 0 or step == setup.total_steps:
+            elapsed = time.monotonic() - window_start
+            hooks.log(step, {"loss": window_loss / window_count, "lr": setup.scheduler.get_last_lr()[0],
+                             "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                             "memory_mb": peak_memory_mb(device), "epoch": micro_index / max(batches.per_epoch, 1)})  # fmt: skip
+            window_loss, window_tokens, window_count, window_start = 0.0, 0, 0, time.monotonic()
+        if t.eval_every and step % t.eval_every == 0 and step < setup.total_steps and rank == 0:
+            hooks.log(step, quick_eval(spec, task, model, base, eval_rows[: spec.evaluation.quick_examples], pad_id))
+        if step % t.checkpoint_every == 0 and step < setup.total_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = None
+                if rank == 0:
+                    folder = save_checkpoint(Path(tmp) / "checkpoint", model, setup.optimizer, setup.scheduler, step,
+                                             micro_index, base.name, base.fingerprint)  # fmt: skip
+                hooks.checkpoint(step, folder, {"step": step, "loss": last_loss})
+    train_seconds = time.monotonic() - started
+    outcome = TrainOutcome(out_dir, step, last_loss, seen_tokens * world / max(train_seconds, 1e-9), train_seconds,
+                           peak_memory_mb(device), float("nan"), float("nan"))  # fmt: skip
+    if rank == 0:
+        save_adapter(model, out_dir, base.name, base.fingerprint)
+        with as_base(model, base) as plain:
+            results = evaluate(plain, task, eval_rows, {BASE: None, "adapter": out_dir},
+                               spec.evaluation.max_new_tokens, spec.evaluation.batch_size, spec.lora.r)  # fmt: skip
+        outcome.base_score, outcome.adapter_score = results[BASE].score, results["adapter"].score
+        outcome.examples = [{"input": r["input"], "expected": r["output"], "base": b, "adapter": a}
+                            for r, b, a in zip(eval_rows[:5], results[BASE].predictions,
+                                               results["adapter"].predictions, strict=False)]  # fmt: skip
+    return outcome
+
+
+def quick_eval(spec: TrialSpec, task: Any, model: Any, base: Any, rows: list[dict], pad_id: int) -> dict[str, float]:
+    """Eval loss and task metric on a few eval rows, mid-training."""
+    from jobs.data import encode_rows as enc
+
+    examples = enc(base.tokenizer, task, rows, spec.training.max_seq_len)
+    dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+    device = str(next(model.parameters()).device)
+    model.eval()
+    with torch.no_grad():
+        loss_sum, count = _loss_sum(model, _to(collate([[e] for e in examples], pad_id, dtype), device, dtype))
+    model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_adapter(model, Path(tmp) / "adapter", base.name, base.fingerprint)
+        with as_base(model, base) as plain:
+            result = evaluate(plain, task, rows, {"adapter": folder}, spec.evaluation.max_new_tokens,
+                              spec.evaluation.batch_size, spec.lora.r)["adapter"]  # fmt: skip
+    return {"eval_loss": float(loss_sum) / max(count, 1), f"eval_{task.metric}": result.score}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    config = load_config(args.config)
+    spec = next(s for s in config.trials() if s.task == args.task)
+    if args.max_steps:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": args.max_steps})})
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    outcome = train(spec, PrintHooks(), args.out)
+    print(f"{spec.adapter_name}: base {outcome.base_score:.1f} -> adapter {outcome.adapter_score:.1f} "
+          f"({outcome.steps} steps, {outcome.train_seconds:.0f}s, {outcome.tokens_per_s:.0f} tok/s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
