@@ -147,7 +147,7 @@ class SweepConfig(_Strict):
                 raise ValueError("list at least one task")
             for i, name in enumerate(value):
                 if name not in TASKS:
-                    raise ValueError(f"tasks[{i}]: unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))}")
+                    raise ValueError(f"unknown task '{name}' (item {i}); known tasks: {', '.join(sorted(TASKS))}")
         return value
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from jobs.config import ConfigError, SweepConfig, TrialSpec, load_config
 from jobs.preflight import PreflightError, run_preflight
@@ -100,6 +101,9 @@ def apply_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
     try:
         SweepConfig.model_validate({**config.model_dump(), "grid": {k: [v] for k, v in point.items()}})
         updated = config.apply(point)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"--set: {first['msg'].removeprefix('Value error, ')}") from None
     except ValueError as err:
         raise ConfigError(f"--set: {str(err).splitlines()[0].removeprefix('grid point ')}") from None
     return updated.model_copy(update={"grid": grid})

@@ -139,16 +139,15 @@ def train(
             batch = _to(collate(mb, pad_id, compute_dtype), device, compute_dtype)
             loss_sum, count = _loss_sum(forward_model, batch)
             loss = loss_sum / max(targets, 1)
-            if ds is not None:
-                ds.backward(loss)
+            if ds is not None:  # DeepSpeed steps per micro-batch and applies the update at the accumulation boundary
+                ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole window
+                ds.step()
             else:
                 loss.backward()
             loss_total += loss_sum.detach().float().cpu()
             target_total += count
             seen_tokens += int((batch["input_ids"] != pad_id).sum())
-        if ds is not None:
-            ds.step()
-        else:
+        if ds is None:
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
             setup.optimizer.step()
