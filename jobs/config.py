@@ -79,7 +79,7 @@ class TrainingSettings(_Strict):
 class EvaluationSettings(_Strict):
     max_examples: int = Field(100, ge=1, description="eval-split rows scored at the end (base and adapter)")
     quick_examples: int = Field(24, ge=1, description="rows scored at each eval_every during training")
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="null = the longest reference answer + 8 tokens")
     batch_size: int = Field(32, ge=1, description="sequences decoded together by the evaluation engine")
 
 

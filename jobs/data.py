@@ -70,15 +70,17 @@ def pack(examples: list[Encoded], max_len: int) -> list[list[Encoded]]:
 
 
 def collate(rows: list[list[Encoded]], pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Right-padded batch. Each row holds one or more examples; with more than one (packing) the batch carries a
-    4D additive attention mask (block-diagonal and causal) and per-example position ids."""
+    """Left-padded batch with explicit position ids (each example counts from 0), so every row's completion ends
+    at the right edge and the loss needs logits for only the last few positions (see `train_loop.loss_sum`).
+    Each row holds one or more examples; with more than one (packing) the batch carries a 4D additive attention
+    mask (block-diagonal and causal); otherwise a 2D padding mask."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
-        col = 0
+        col = width - sum(len(e.input_ids) for e in row)
         for s, ex in enumerate(row):
             n = len(ex.input_ids)
             ids[r, col : col + n] = torch.tensor(ex.input_ids)
@@ -86,14 +88,13 @@ def collate(rows: list[list[Encoded]], pad_id: int, dtype: torch.dtype = torch.f
             positions[r, col : col + n] = torch.arange(n)
             segment[r, col : col + n] = s
             col += n
-    batch = {"input_ids": ids, "labels": labels}
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
     if any(len(row) > 1 for row in rows):
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
         allowed = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only
         mask = torch.zeros(len(rows), 1, width, width, dtype=dtype)
         batch["attention_mask"] = mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-        batch["position_ids"] = positions
     else:
         batch["attention_mask"] = (segment >= 0).long()
     return batch

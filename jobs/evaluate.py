@@ -32,11 +32,19 @@ def score_predictions(task: Task, rows: list[dict], predictions: list[str]) -> f
     return 100.0 * sum(task.score(p, r["output"]) for p, r in zip(predictions, rows, strict=True)) / max(1, len(rows))
 
 
+def auto_max_new_tokens(tokenizer: Any, rows: list[dict], margin: int = 8) -> int:
+    """Enough new tokens for the longest reference answer plus `margin`. Base and adapters get the same budget;
+    without a cap a base model that rambles costs the full budget on every row."""
+    return margin + max(len(tokenizer(r["output"], add_special_tokens=False).input_ids) for r in rows)
+
+
 def evaluate(base: LoadedBase, task: Task, rows: list[dict], adapters: dict[str, Path | None],
-             max_new_tokens: int, batch_size: int = 32, max_rank: int = 64) -> dict[str, EvalResult]:  # fmt: skip
-    """Greedy-decode every row for every entry of `adapters` (None = the base model) and score it."""
+             max_new_tokens: int | None = None, batch_size: int = 32, max_rank: int = 64) -> dict[str, EvalResult]:  # fmt: skip
+    """Greedy-decode every row for every entry of `adapters` (None = the base model) and score it.
+    `max_new_tokens=None` stops each answer at `auto_max_new_tokens` (the longest reference plus a margin)."""
     tok = base.tokenizer
     prompts = [tok(prompt_text(tok, task.messages(r)), add_special_tokens=False).input_ids for r in rows]
+    max_new_tokens = max_new_tokens or auto_max_new_tokens(tok, rows)
     config = EngineConfig(
         device=str(next(base.model.parameters()).device),
         dtype=str(base.model.dtype).removeprefix("torch."),  # type: ignore[arg-type]
@@ -86,7 +94,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--adapter", action="append", default=[], help="name=folder (a PEFT LoRA adapter)")
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 8 tokens")
     args = parser.parse_args()
     task = get_task(args.task)
     rows = load_split(args.task, "eval")[: args.limit]

@@ -15,7 +15,7 @@ from adapters.lora_files import META_BASE_FINGERPRINT, WEIGHTS_FILE, read_lora
 from jobs.config import DeepSpeedSettings, SweepConfig
 from jobs.data import IGNORE, collate, encode_rows, pack
 from jobs.tasks import get_task, load_split
-from jobs.train_loop import PrintHooks, train
+from jobs.train_loop import PrintHooks, loss_sum, train
 
 
 def _spec(**training):
@@ -52,6 +52,34 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tiny_base) -> None:
                                                        ignore_index=IGNORE))  # fmt: skip
 
     assert mean_loss(packed) == pytest.approx(mean_loss([[e] for e in examples]), rel=1e-5)
+
+
+def test_loss_on_completion_positions_equals_the_full_logits_loss(tiny_base) -> None:
+    task = get_task("viggo")
+    examples = encode_rows(tiny_base.tokenizer, task, load_split("viggo", "train")[:5], 1024)
+    batch = collate([[e] for e in examples], tiny_base.tokenizer.pad_token_id)
+    assert {len(e.input_ids) for e in examples} != {batch["input_ids"].shape[1]}  # rows really are padded
+    with torch.no_grad():
+        summed, count = loss_sum(tiny_base.model, batch)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = tiny_base.model(**inputs).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")  # fmt: skip
+    assert count == sum(sum(lab != IGNORE for lab in e.labels) for e in examples)
+    assert float(summed) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_left_padding_does_not_change_a_rows_logits(tiny_base) -> None:
+    task = get_task("sentiment")
+    short, long = sorted(encode_rows(tiny_base.tokenizer, task, load_split("sentiment", "train")[:8], 1024),
+                         key=lambda e: len(e.input_ids))[:: 7]  # fmt: skip
+    batch = collate([[short], [long]], tiny_base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded = tiny_base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"]).logits[0, -len(short.input_ids):]  # fmt: skip
+        alone = tiny_base.model(input_ids=torch.tensor([short.input_ids])).logits[0]
+    assert torch.allclose(padded, alone, atol=1e-4)  # logits reach ~10 in the random tiny model
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
@@ -100,7 +128,6 @@ def test_loss_goes_down_and_the_adapter_is_servable(tmp_path: Path, tiny_shapes)
 def test_deepspeed_option_is_wired_through(tmp_path: Path, monkeypatch) -> None:
     """ZeRO-2 on CPU/gloo: the trainer really runs through a DeepSpeed engine (first run JIT-builds an op)."""
     import torch.distributed as dist
-
     from conftest import free_port
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
