@@ -32,9 +32,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 console = Console(highlight=False, soft_wrap=True)
 
 
+class DemoStepFailed(RuntimeError):
+    """A step's command exited non-zero; its own output (above) says why."""
+
+
 def _run(command: list[str], env: dict[str, str]) -> None:
-    console.print(f"\n[bold]$ {' '.join(command)}[/]")
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
+    console.print(f"\n$ {' '.join(command)}", style="bold", markup=False)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env)
+    if result.returncode != 0:
+        raise DemoStepFailed(f"`{' '.join(command[:3])} ...` exited with {result.returncode} (its output is above)")
 
 
 def _post_json(url: str, body: dict, timeout: float = 300.0) -> dict:
@@ -57,7 +63,7 @@ def wait_for_serve(serve_url: str, timeout_s: float = 600.0) -> None:
     raise TimeoutError(f"the Serve app did not answer {serve_url}/health within {timeout_s:.0f}s (see `serve status`)")
 
 
-def ask_each_adapter(info: StackInfo, tasks: list[str], base_model: str) -> None:
+def ask_each_adapter(serve_url: str, tasks: list[str], base_model: str) -> None:
     """One chat request per adapter (its registry `champion`) and the same prompt to the base model."""
     from jobs.tasks import get_task, load_split
 
@@ -70,44 +76,78 @@ def ask_each_adapter(info: StackInfo, tasks: list[str], base_model: str) -> None
         answers = []
         for model in (name, base_model):
             body = {"model": model, "messages": task.messages(row), "max_tokens": 64, "temperature": 0}
-            reply = _post_json(f"{info.serve_url}/v1/chat/completions", body)
+            reply = _post_json(f"{serve_url}/v1/chat/completions", body)
             answers.append(reply["choices"][0]["message"]["content"].strip())
         table.add_row(name, row["input"], row["output"], *answers)
     console.print(table)
 
 
-def main() -> None:
+def bring_up(state_dir: Path) -> StackInfo:
+    """The stack recorded in `state_dir` if it is running (whatever its ports), else `lorafleet up` defaults."""
+    config = StackConfig(state_dir=state_dir)
+    current = local_stack.status(config, with_memory=False)
+    if current.running and current.info is not None:
+        return current.info
+    return local_stack.up(config)
+
+
+def serve_config_for(info: StackInfo, source: Path, port: int | None) -> Path:
+    """`source` with the stack's MLflow URL in the app's args (and another HTTP port if asked), in the state dir."""
+    config = yaml.safe_load(source.read_text())
+    config["applications"][0].setdefault("args", {})["mlflow_tracking_uri"] = info.mlflow_url
+    if port is not None:
+        config.setdefault("http_options", {})["port"] = port
+    target = Path(info.state_dir) / "serve-config.yaml"
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/cpu-smollm2.yaml", help="sweep config")
     parser.add_argument("--tasks", default="", help="comma-separated subset of the config's tasks")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="sweep config override, as for jobs.sweep")  # fmt: skip
     parser.add_argument("--serve-config", default="serve_app/config.yaml")
-    args = parser.parse_args()
+    parser.add_argument("--serve-port", type=int, default=None, help="default: the serve config's http_options")
+    parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("LORAFLEET_STATE_DIR", ".lorafleet")))
+    args = parser.parse_args(argv)
 
-    info = local_stack.up(StackConfig())
+    info = bring_up(args.state_dir)
     console.print(f"[bold green]local stack[/]: Ray {info.dashboard_url}  MLflow {info.mlflow_url}")
     venv_bin = str(Path(sys.executable).parent)  # `ray` and `serve` live next to this interpreter
     env = {**os.environ, **info.client_env(), "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("RAY_ADDRESS", None)
 
     sweep = ["python", "-m", "jobs.sweep", "--config", args.config]
     if args.tasks:
         sweep += ["--set", f"tasks=[{args.tasks}]"]
+    sweep += [arg for item in args.overrides for arg in ("--set", item)]
+    sweep += ["--set", f"mlflow.tracking_uri={info.mlflow_url}"]  # the job's driver does not inherit our env
     submit = ["ray", "job", "submit", "--address", info.dashboard_url, "--runtime-env", "cluster/runtime_env.yaml"]
     _run([*submit, "--", *sweep], env)
 
-    _run(["serve", "deploy", args.serve_config, "--address", info.dashboard_url], env)
-    wait_for_serve(info.serve_url)
+    serve_config = serve_config_for(info, REPO_ROOT / args.serve_config, args.serve_port)
+    _run(["serve", "deploy", str(serve_config), "--address", info.dashboard_url], env)
+    http = yaml.safe_load(serve_config.read_text()).get("http_options", {})
+    serve_url = f"http://127.0.0.1:{http.get('port', 8000)}"
+    wait_for_serve(serve_url)
 
     from jobs.config import load_config
 
     config = load_config(REPO_ROOT / args.config)
     tasks = args.tasks.split(",") if args.tasks else config.task_names()
-    serve_args = yaml.safe_load((REPO_ROOT / args.serve_config).read_text())["applications"][0].get("args", {})
-    ask_each_adapter(info, tasks, serve_args.get("base_model", config.base_model))
+    serve_args = yaml.safe_load(serve_config.read_text())["applications"][0]["args"]
+    ask_each_adapter(serve_url, tasks, serve_args.get("base_model", config.base_model))
     console.print(
         f"\n[bold]Next[/]: MLflow UI {info.mlflow_url} (experiment '{config.mlflow.experiment}'), Ray dashboard "
-        f"{info.dashboard_url}, endpoint {info.serve_url}/v1 (model=<task>).  Stop everything: lorafleet down"
+        f"{info.dashboard_url}, endpoint {serve_url}/v1 (model=<task>).  Stop everything: lorafleet down"
     )
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DemoStepFailed, TimeoutError) as err:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {err}")
+        raise SystemExit(1) from None

@@ -89,24 +89,32 @@ def summary_rows(tracker: Any, parent_id: str, trials: list[TrialSpec]) -> list[
 
 
 def apply_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
-    point = {}
+    """`--set section.field=value` (YAML values) on any field of the config, validated like the file itself."""
+    data = config.model_dump(mode="json", exclude_unset=False)
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item}: use section.field=value")
-        point[key.strip()] = yaml.safe_load(value)
-    if not point:
-        return config
-    grid = config.grid
+        *parents, leaf = key.strip().split(".")
+        node, model = data, SweepConfig
+        for depth, part in enumerate([*parents, leaf]):
+            fields = getattr(model, "model_fields", None)
+            if fields is not None and part not in fields:
+                where = ".".join(parents[:depth]) or "the config"
+                raise ConfigError(f"--set {key}: {where} has no field '{part}'")
+            if part == leaf:
+                break
+            model = getattr(fields[part], "annotation", None) if fields is not None else None
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
     try:
-        SweepConfig.model_validate({**config.model_dump(), "grid": {k: [v] for k, v in point.items()}})
-        updated = config.apply(point)
+        return SweepConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"--set: {first['msg'].removeprefix('Value error, ')}") from None
-    except ValueError as err:
-        raise ConfigError(f"--set: {str(err).splitlines()[0].removeprefix('grid point ')}") from None
-    return updated.model_copy(update={"grid": grid})
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"--set: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
@@ -118,7 +126,9 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
 
     ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
     checked = run_preflight(config, ray.cluster_resources())
-    print(f"preflight ok: {len(checked['datasets']) // 2} tasks, base {config.base_model}, MLflow {config.mlflow.uri()}")
+    print(
+        f"preflight ok: {len(checked['datasets']) // 2} tasks, base {config.base_model}, MLflow {config.mlflow.uri()}"
+    )
     tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
     parent_id = tracker.parent_run(config)
     trials = config.trials()
