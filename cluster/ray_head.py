@@ -156,6 +156,9 @@ def head_env(base: dict[str, str] | None = None) -> dict[str, str]:
         env["VIRTUAL_ENV"] = sys.prefix
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps the node on 127.0.0.1 (see shared/README.md)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray 2.60 turns token auth on once any local `ray.init()`/`serve run` has written ~/.ray/auth_token; the stack
+    # listens on 127.0.0.1 only, and our health checks and CLIs would be refused. Export it as "token" to opt in.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
     # On SIGTERM the head first drains the node, waiting up to this long for running tasks (Ray's default: 30 s).
     # Locally there is nothing to hand work over to, so keep `down` quick.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "3")

@@ -51,6 +51,9 @@ class ModelService:
         )
         self.metrics = metrics or NullMetrics()
         self._load_locks: dict[str, asyncio.Lock] = {}
+        # Canonical ids are immutable (registry version / content stamp), so a rejected adapter stays rejected: keep
+        # the reason instead of re-reading its files for every request (and for Serve's multiplex load, then ours).
+        self._rejected: OrderedDict[str, str] = OrderedDict()
 
     def info(self) -> dict[str, Any]:
         engine = self.engine.engine
@@ -62,13 +65,19 @@ class ModelService:
         """Fetch (once) and validate an adapter by canonical id. Raises AdapterRejected / UnknownAdapter."""
         lock = self._load_locks.setdefault(adapter_id, asyncio.Lock())
         async with lock:
+            if adapter_id in self._rejected:
+                raise AdapterRejected(self._rejected[adapter_id])
             if adapter_id in self.engine.engine.adapters:
                 return
             ref = await asyncio.to_thread(self.registry.ref_for_id, adapter_id)
             folder = await asyncio.to_thread(self.registry.fetch, ref)
             try:
                 await self.engine.load_adapter(adapter_id, folder)
-            except AdapterRejected:
+            except AdapterRejected as err:
+                self._rejected[adapter_id] = str(err)
+                while len(self._rejected) > 256:
+                    self._rejected.popitem(last=False)
+                self._load_locks.pop(adapter_id, None)
                 self.metrics.adapter_event(adapter_id, "rejected")
                 raise
             self.metrics.adapter_event(adapter_id, "load")

@@ -34,6 +34,8 @@ TEST_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Drivers in the test process (`ray.init(address=local_stack.ray_address)`) stay on 127.0.0.1 (shared/README.md).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # A ~/.ray/auth_token left by any earlier local `ray.init()` would switch the stack's heads to token auth.
+    "RAY_AUTH_MODE": "disabled",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from adapters.sources import AdapterRef, RegistryUnavailable, parse_model
 
 CHAMPION = "champion"
 BASE_TAG = "base_model"
+MAX_CACHED = 1024  # lookups kept (hits and misses): a flood of distinct unknown names must not grow memory
 
 
 class MlflowRegistry:
@@ -25,7 +27,7 @@ class MlflowRegistry:
     def __init__(self, tracking_uri: str, ttl_s: float = 5.0) -> None:
         self.tracking_uri = tracking_uri
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, AdapterRef | None]] = {}
+        self._cache: OrderedDict[str, tuple[float, AdapterRef | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._client: Any = None
 
@@ -68,6 +70,9 @@ class MlflowRegistry:
         ref = self._lookup(parts["name"] or "", parts["alias"], parts["version"])
         with self._lock:
             self._cache[model] = (now + self.ttl_s, ref)
+            self._cache.move_to_end(model)
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
         return ref
 
     def ref_for_id(self, adapter_id: str) -> AdapterRef | None:
@@ -83,7 +88,9 @@ class MlflowRegistry:
         target = cache_root() / "adapters" / "mlflow" / _safe(self.tracking_uri) / ref.name / str(ref.version)
 
         def download(tmp: Path) -> None:
-            mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=self.tracking_uri)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+            )
 
         folder = build_once(target, download)
         inner = [p for p in folder.iterdir() if p.is_dir()]
@@ -96,11 +103,15 @@ class MlflowRegistry:
         refs: list[AdapterRef] = []
         try:
             for model in self.client.search_registered_models(max_results=1000):
+                # search_model_versions leaves `aliases` empty; the registered model holds {alias: version}
+                by_version: dict[str, set[str]] = {}
+                for alias, number in (getattr(model, "aliases", None) or {}).items():
+                    by_version.setdefault(str(number), set()).add(alias)
                 for version in self.client.search_model_versions(f"name='{model.name}'", max_results=1000):
                     tags = dict(version.tags or {})
+                    aliases = tuple(sorted(set(version.aliases or ()) | by_version.get(str(version.version), set())))
                     refs.append(AdapterRef(f"mlflow:{model.name}/{version.version}", model.name, self.source,
-                                           str(version.version), tags.get(BASE_TAG),
-                                           tuple(version.aliases or ()), tags))  # fmt: skip
+                                           str(version.version), tags.get(BASE_TAG), aliases, tags))  # fmt: skip
         except (MlflowException, OSError) as err:
             raise RegistryUnavailable(f"MLflow registry at {self.tracking_uri}: {err}") from err
         return refs
