@@ -5,7 +5,8 @@ against a base model before any tensor touches the engine.
 with the LoRA scaling folded into B) or raises `AdapterRejected` with one sentence saying why. Refused: pickle
 weights (.bin/.pt) without a safetensors file, a corrupt safetensors file, DoRA, LoRA biases, extra trained modules
 (modules_to_save, embeddings, lm_head), shapes that do not fit the base, a rank over the engine's limit, NaN/inf
-values, and a base fingerprint (written by lorafleet's trainer into the safetensors metadata) that differs.
+values or values so large they would overflow (MAX_ABS_WEIGHT), and a base fingerprint (written by lorafleet's
+trainer into the safetensors metadata) that differs.
 
     python -m adapters.lora_files <adapter_dir> --base smollm2-135m     # validate a folder, print a summary
 """
@@ -29,6 +30,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Metadata keys lorafleet's trainer writes into the safetensors header.
 META_BASE_NAME = "lorafleet.base_model"
 META_BASE_FINGERPRINT = "lorafleet.base_fingerprint"
+# Trained LoRA weights (A, and B with the scaling folded in) are O(0.01-10). Far larger finite values overflow the
+# activations to inf/NaN; refuse them like NaN itself. Generous on purpose: it only catches broken or hostile files.
+MAX_ABS_WEIGHT = 1e4
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
@@ -220,7 +224,14 @@ def read_lora(folder: Path | str, shapes: BaseShapes, max_rank: int) -> LoraWeig
             raise AdapterRejected(f"layer {layer} {proj} holds NaN or infinite values")
         module_key = f"model.layers.{layer}.{'self_attn' if proj.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{proj}"
         scale = _module_scale(config, module_key, rank)
-        modules[(layer, proj)] = (a.contiguous(), (b * scale).contiguous())
+        b = b * scale
+        largest = max(float(a.abs().max()), float(b.abs().max()))
+        if not largest <= MAX_ABS_WEIGHT:
+            raise AdapterRejected(
+                f"layer {layer} {proj} holds values up to {largest:.3g} (scaling included); over {MAX_ABS_WEIGHT:g} "
+                "they would overflow the activations"
+            )
+        modules[(layer, proj)] = (a.contiguous(), b.contiguous())
         max_seen = max(max_seen, rank)
     return LoraWeights(config=config, modules=modules, rank=max_seen, metadata=metadata)
 

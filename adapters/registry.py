@@ -63,14 +63,24 @@ class AdapterRegistry:
         for source in self.sources:
             if source.source != kind:
                 continue
-            ref = source.ref_for_id(adapter_id) if isinstance(source, MlflowRegistry) else source.resolve(rest.split(":")[0])
+            ref = (
+                source.ref_for_id(adapter_id)
+                if isinstance(source, MlflowRegistry)
+                else source.resolve(rest.split(":")[0])
+            )
             if ref is not None and ref.id == adapter_id:
                 return ref
         raise UnknownAdapter(f"adapter {adapter_id} is no longer registered")
 
     def fetch(self, ref: AdapterRef) -> Path:
-        source = next(s for s in self.sources if s.source == ref.source)
-        return source.fetch(ref)
+        """A local folder with the adapter's files; UnknownAdapter if it was removed since it was resolved."""
+        source = next((s for s in self.sources if s.source == ref.source), None)
+        try:
+            if source is None:
+                raise FileNotFoundError(ref.source)
+            return source.fetch(ref)
+        except FileNotFoundError:
+            raise UnknownAdapter(f"adapter {ref.id} is no longer registered") from None
 
     def list_refs(self) -> list[AdapterRef]:
         refs: list[AdapterRef] = []

@@ -140,7 +140,8 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
     storage = config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).absolute())
     tuner = tune.Tuner(
         # the trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs)
-        tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), {"cpu": 0.01}),
+        # no CPU: even 0.01 per trial would leave 0.98 of a core free and keep a 1-CPU worker from starting
+        tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), {"cpu": 0, "memory": 1}),
         param_space={"adapter": tune.grid_search(list(payloads))},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=storage, verbose=1),

@@ -26,6 +26,8 @@ from serve_app.api_schemas import ChatCompletionRequest, CompletionRequest, Lora
 from serve_app.app_config import ServeAppConfig
 from serve_app.errors import ApiError, error_body, install_error_handlers
 
+_LORAX_PARAMS = {"model": "parameters.adapter_id", "max_tokens": "parameters.max_new_tokens"}
+
 
 class Backend(Protocol):
     def stream(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]: ...
@@ -46,8 +48,13 @@ class _Limits:
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return await _reject(send, 401, "missing or invalid API key (Authorization: Bearer <key>)")
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _reject(send, 413, f"request body over {self.max_bytes} bytes")
+        if length is not None:
+            # ASCII digits only: str.isdigit() also accepts '²' and int() refuses over 4300 digits (both were 500s)
+            if not (length.isascii() and length.isdigit()):
+                return await _reject(send, 400, "invalid Content-Length header")
+            digits = length.lstrip("0")
+            if len(digits) > len(str(self.max_bytes)) or int(digits or "0") > self.max_bytes:
+                return await _reject(send, 413, f"request body over {self.max_bytes} bytes")
         body, more = b"", True
         while more:  # buffer the body (bounded) so an oversize one is refused before parsing
             message = await receive()
@@ -152,7 +159,9 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
         for ref in refs:
             names = [ref.name] if ref.source == "local" else [f"{ref.name}/{ref.version}"]
             names += [ref.name if alias == "champion" else f"{ref.name}@{alias}" for alias in ref.aliases]
-            cards += [fmt.model_card(n, base_name, base_name, {"adapter_id": ref.id, "source": ref.source}) for n in names]
+            cards += [
+                fmt.model_card(n, base_name, base_name, {"adapter_id": ref.id, "source": ref.source}) for n in names
+            ]
         return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions")
@@ -186,10 +195,18 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
                    "top_p": p.top_p or 1.0, "stop": list(p.stop), "seed": p.seed}  # fmt: skip
         return payload, p.adapter_id or base_name
 
+    async def lorax_start(body: LoraxRequest) -> AsyncIterator[dict[str, Any]]:
+        """`start`, with errors naming LoRAX's fields (`parameters.adapter_id`, `max_new_tokens`), not OpenAI's."""
+        try:
+            return (await start(*lorax_payload(body)))[0]
+        except ApiError as err:
+            err.param = _LORAX_PARAMS.get(err.param or "", err.param)
+            err.message = err.message.replace("max_tokens", "max_new_tokens")
+            raise
+
     @app.post("/generate")
     async def generate(body: LoraxRequest) -> Any:
-        payload, model = lorax_payload(body)
-        events, _ = await start(payload, model)
+        events = await lorax_start(body)
         text, end = await collect(events)
         result: dict[str, Any] = {"generated_text": (body.inputs + text) if body.parameters.return_full_text else text}
         if body.parameters.details:
@@ -198,8 +215,7 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
 
     @app.post("/generate_stream")
     async def generate_stream(body: LoraxRequest) -> Any:
-        payload, model = lorax_payload(body)
-        events, _ = await start(payload, model)
+        events = await lorax_start(body)
 
         async def frames() -> AsyncIterator[str]:
             parts: list[str] = []

@@ -1,7 +1,9 @@
 """Request bodies of the HTTP API, validated by pydantic: OpenAI chat/completions and LoRAX generate.
 
 Unknown fields are ignored (clients send `user`, `logprobs: false`, ...), but every field we use is typed and
-bounded: numbers must be finite, `n` must be 1, stop lists are short. A violation becomes a 400 naming the field.
+bounded: numbers must be finite, `n` must be 1, at most MAX_STOP (16) stop strings of 1 to MAX_STOP_LEN (200)
+characters (OpenAI allows 4; the detokenizer holds back up to 200 characters per stream to match them), texts
+under MAX_TEXT_CHARS. A violation becomes a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -90,9 +92,12 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]], Field(min_length=1, max_length=1)
-    ]
+    prompt: (
+        Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]], Field(min_length=1, max_length=1)
+        ]
+    )
     max_tokens: int | None = Field(16, ge=1)
 
     def text(self) -> str:

@@ -29,6 +29,7 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+RETRY_AFTER_S = "1"
 
 
 class ApiError(Exception):
@@ -53,7 +54,10 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.param, err.code), err.status, headers=err.headers)
+    headers = dict(err.headers or {})
+    if err.status == 429:  # overloaded (engine queue full): tell clients when to retry (OpenAI SDKs honour it)
+        headers.setdefault("Retry-After", RETRY_AFTER_S)
+    return JSONResponse(error_body(err.status, err.message, err.param, err.code), err.status, headers=headers)
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
@@ -61,6 +65,8 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        return "the request body must be a JSON object (Content-Type: application/json)", None
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
     return (f"{param}: {msg}" if param else msg), param
@@ -81,7 +87,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = err.detail if isinstance(err.detail, str) else "request failed"
         if err.status_code == 400 and message == "There was an error parsing the body":
             message = "the request body is not valid UTF-8 JSON"
-        return JSONResponse(error_body(err.status_code, message), err.status_code, headers=getattr(err, "headers", None))
+        return JSONResponse(
+            error_body(err.status_code, message), err.status_code, headers=getattr(err, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
