@@ -228,3 +228,39 @@ def test_bad_input_stops_before_training_with_one_line(case: str, local_stack: S
     assert child_runs(local_stack, config["mlflow"]["experiment"]) == []
     registered = client(local_stack).search_registered_models(f"name LIKE '{config['mlflow']['registry_prefix']}%'")
     assert registered == []
+
+
+def test_killed_driver_then_resubmitted_sweep_retrains_nothing_finished(local_stack: StackInfo, tmp_path: Path) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    path, config = sweep_config(tmp_path, local_stack, max_concurrent_trials=1, **{"training.max_steps": 12})
+    submitted = submit(local_stack, path, "--no-wait", timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = next(w for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_")).strip("'")
+    jobs = JobSubmissionClient(local_stack.dashboard_url)
+    experiment = config["mlflow"]["experiment"]
+
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:  # stop the driver once the first adapter is done and the second has begun
+        runs = child_runs(local_stack, experiment)
+        if len(runs) == 2 and any(r.data.tags.get("lorafleet.done") == "true" for r in runs):
+            break
+        time.sleep(1)
+    pid = jobs.get_job_info(job_id).driver_info.pid
+    os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while jobs.get_job_status(job_id) not in (JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() < deadline:
+        time.sleep(1)
+    runs = child_runs(local_stack, experiment)
+    finished = [r.data.tags["lorafleet.adapter"] for r in runs if r.data.tags.get("lorafleet.done") == "true"]
+    assert len(finished) == 1, "the driver was killed too late to leave work undone"
+
+    again = submit(local_stack, path)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert f"[{finished[0]}] already trained and registered" in out
+    runs = child_runs(local_stack, experiment)
+    assert len(runs) == 2 and all(r.data.tags.get("lorafleet.done") == "true" for r in runs)
+    prefix = config["mlflow"]["registry_prefix"]
+    for task in config["tasks"]:
+        assert len(client(local_stack).search_model_versions(f"name='{prefix}{task}'")) == 1
