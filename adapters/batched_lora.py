@@ -7,83 +7,266 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
     expand:  y[n] += h[n] @ B[idx[n]].T          (N, r)   -> (N, out)   (the LoRA scale is folded into B)
 
 `LoraBatch` is the plan for one step's rows. It picks the cheapest correct path:
-  - `single`: every row uses the same slot (a prefill chunk, or a batch of one adapter): two plain matmuls;
-  - `none`:   no row uses an adapter: nothing to do;
-  - `gather`: the reference path: gather each row's A/B (`index_select`) and `torch.bmm`. The gathered copies
-    are cached on the plan, so consecutive decode steps over the same rows (continuous batching changes the
-    batch only when a request joins or leaves) pay for the gather once.
-`shrink_reference` / `expand_reference` are the float64-checkable oracle for any faster kernel.
+  - `none`:    no row uses an adapter: nothing to do;
+  - `single`:  every row uses the same slot (a prefill chunk, or a batch of one adapter): two plain matmuls;
+  - `gather`:  each row's weights copied next to it (`index_select`), then one `bmm` per matrix over the rows.
+    Fewest operations per step, so it wins where per-op overhead dominates (small models, CPU), but it copies
+    rows x adapter size. With the slot bank's `storage` the copy is one `index_select` for every layer at once,
+    made when the plan is first used and reused while the rows stay the same (continuous batching changes them
+    only when a request joins or leaves);
+  - `grouped`: rows scattered into an [adapters, m, in] block (m = most rows of one adapter) and one `bmm` per
+    matrix straight over the slot tensors, no weight copy: every adapter is read once per step however many rows
+    use it, and its deltas are added back with `index_add_`. A few more operations than `gather`, half or less of
+    its memory traffic as soon as rows share adapters; and no per-row copies, which for big adapters would not
+    stay cheap. Unless the batch is so skewed that padding every adapter to m rows multiplies mostly zeros.
+`choose_mode` picks between the two; `EngineConfig.lora_kernel` can force one.
+`shrink_reference` / `expand_reference` are the float64-checkable oracle for every path.
 
     python -m adapters.batched_lora        # self-check: every path against the per-row reference
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, Literal
 
 import torch
+
+Mode = Literal["none", "single", "gather", "grouped"]
+Kernel = Literal["auto", "gather", "grouped"]
+# `auto` groups when rows share adapters (at least this many adapter rows per distinct adapter) ...
+GROUP_WHEN_ROWS_PER_ADAPTER = 1.5
+# ... or when the per-row weight copies of a gather would exceed this size,
+GATHER_BUDGET_BYTES = 64 * 2**20
+# ... but only while padding every adapter to the busiest one's row count is at most this many rows per adapter
+# row (beyond that the grouped bmm mostly multiplies zeros).
+MAX_GROUPED_PADDING = 4.0
 
 
 def shrink_reference(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Row by row: h[n] = x[n] @ a[idx[n]].T — the oracle, slow, obviously right."""
-    return torch.stack([x[n] @ a[int(idx[n])].T for n in range(x.shape[0])]) if x.shape[0] else x.new_zeros(0, a.shape[1])
+    return (
+        torch.stack([x[n] @ a[int(idx[n])].T for n in range(x.shape[0])]) if x.shape[0] else x.new_zeros(0, a.shape[1])
+    )
 
 
 def expand_reference(h: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Row by row: delta[n] = h[n] @ b[idx[n]].T."""
-    return torch.stack([h[n] @ b[int(idx[n])].T for n in range(h.shape[0])]) if h.shape[0] else h.new_zeros(0, b.shape[1])
+    return (
+        torch.stack([h[n] @ b[int(idx[n])].T for n in range(h.shape[0])]) if h.shape[0] else h.new_zeros(0, b.shape[1])
+    )
+
+
+def choose_mode(rows: int, adapter_rows: int, distinct: int, grouped_rows: int, slot_bytes: int | None) -> Mode:
+    """`gather` or `grouped` for a mixed batch: `rows` rows, `adapter_rows` of them on one of `distinct` adapters,
+    which `grouped` pads to `grouped_rows`; `slot_bytes` is one adapter's size in every layer (None: unknown)."""
+    if grouped_rows > MAX_GROUPED_PADDING * adapter_rows:
+        return "gather"
+    shared = adapter_rows >= GROUP_WHEN_ROWS_PER_ADAPTER * distinct
+    too_big = slot_bytes is not None and rows * slot_bytes > GATHER_BUDGET_BYTES
+    return "grouped" if shared or too_big else "gather"
 
 
 class LoraBatch:
     """The per-row slot indices of one forward, and how to apply LoRA to them.
 
     `idx` holds one slot per row (0 = no adapter). Build one per composition of rows and reuse it while the rows
-    do not change; gathered weights are cached per weight tensor.
+    do not change: gathered weights and scatter buffers are cached on the plan. `storage` is the slot bank's
+    [S, F] buffer when the weights are views of it (one gather for all layers; also sizes `auto`'s choice).
+    `previous`: the plan this one replaces, if no slot's contents changed since it was built; a gather then takes
+    over its buffer and copies only the rows whose slot changed (`previous` is released: do not use it again).
+    A `single` plan applies to any number of rows (it only needs the slot), so callers may keep one per slot.
     """
 
-    def __init__(self, idx: torch.Tensor, cache_gathers: bool = True) -> None:
+    def __init__(self, idx: torch.Tensor, storage: torch.Tensor | None = None, kernel: Kernel | str = "auto",
+                 cache_gathers: bool = True, previous: LoraBatch | None = None) -> None:  # fmt: skip
         self.idx = idx
         self.rows = int(idx.shape[0])
-        slots = torch.unique(idx)
-        self.distinct = [int(s) for s in slots if int(s) != 0]
+        slots = idx.tolist()
+        self._slot_list: list[int] = slots
+        counts = Counter(slots)
+        present = sorted(counts)
+        self.distinct = [s for s in present if s != 0]
+        self._storage = storage
+        self._cache_gathers = cache_gathers
+        self._gathered: dict[tuple[int, torch.Size], torch.Tensor] = {}
+        self._rows_flat: torch.Tensor | None = None  # [N, F] view of _rows_buffer [capacity, F]
+        self._rows_buffer: torch.Tensor | None = None
+        self._previous = previous if previous is not None and previous._storage is storage else None
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._lo, self._span, self._m = 0, 0, 0
         if not self.distinct:
-            self.mode = "none"
-        elif len(slots) == 1:
+            self.mode: Mode = "none"
+        elif len(present) == 1:
             self.mode = "single"
             self.slot = self.distinct[0]
         else:
-            self.mode = "gather"
-        self._cache_gathers = cache_gathers
-        self._gathered: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+            self._lo = self.distinct[0]  # the grouped window: adapter slots lo..hi (base rows need no LoRA)
+            self._span = self.distinct[-1] - self._lo + 1
+            self._m = max(counts[s] for s in self.distinct)
+            if kernel in ("gather", "grouped"):
+                self.mode = kernel  # type: ignore[assignment]
+            else:
+                slot_bytes = storage.shape[1] * storage.element_size() if storage is not None else None
+                adapter_rows = self.rows - counts.get(0, 0)
+                self.mode = choose_mode(self.rows, adapter_rows, len(self.distinct), self._span * self._m, slot_bytes)
+            if self.mode == "grouped":
+                self._grouped_positions(slots)
+        if self.mode != "gather":
+            self._previous = None  # (nothing to take over; and no chain of old plans kept alive)
 
     @property
     def active(self) -> bool:
         return self.mode != "none"
 
-    def _rows_of(self, weights: torch.Tensor) -> torch.Tensor:
-        key = (weights.data_ptr(), tuple(weights.shape))  # stable for a view of a slot tensor (id() is not)
+    def _slot_t(self, weights: torch.Tensor) -> torch.Tensor:
+        """single: weights[slot].T (a cached view; contiguous for the slot bank's tensors)."""
+        key = (weights.data_ptr(), weights.shape)
+        hit = self._gathered.get(key)
+        if hit is None:
+            hit = self._gathered[key] = weights[self.slot].T
+        return hit
+
+    # -- gather: per-row copies of the weights -----------------------------------------------------------------
+    def _rows_t(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [S, rows, cols] -> the batch rows' copies, transposed for bmm: [N, cols, rows]. With the slot
+        bank's storage this is a view of the one all-layer gather (and contiguous per matrix: the bank stores
+        each matrix transposed)."""
+        key = (weights.data_ptr(), weights.shape)  # stable for a view of a slot tensor (id() is not)
         hit = self._gathered.get(key)
         if hit is not None:
             return hit
-        gathered = weights.index_select(0, self.idx)
+        flat = self._flat_rows(weights)
+        if flat is not None:
+            offset = weights.storage_offset() - self._storage.storage_offset()  # type: ignore[union-attr]
+            gathered = flat.as_strided((self.rows, *weights.shape[1:]), (flat.stride(0), *weights.stride()[1:]),
+                                       flat.storage_offset() + offset)  # fmt: skip
+        else:
+            gathered = weights.index_select(0, self.idx)
+        gathered = gathered.transpose(1, 2)
         if self._cache_gathers:
             self._gathered[key] = gathered
         return gathered
 
+    def _flat_rows(self, weights: torch.Tensor) -> torch.Tensor | None:
+        storage = self._storage
+        if (storage is None or weights.stride(0) != storage.stride(0)
+                or weights.untyped_storage().data_ptr() != storage.untyped_storage().data_ptr()):  # fmt: skip
+            return None
+        if self._rows_flat is None:
+            self._rows_flat = self._gather_rows(storage)
+        return self._rows_flat
+
+    def _gather_rows(self, storage: torch.Tensor) -> torch.Tensor:
+        """storage[idx] as [N, F]: in the previous plan's buffer, copying only changed rows, if it has room;
+        otherwise in a new buffer with room for the batch to grow (within the gather budget)."""
+        previous, self._previous = self._previous, None
+        old = previous._rows_buffer if previous is not None else None
+        if previous is not None and old is not None and old.shape[0] >= self.rows:
+            before = previous._slot_list
+            previous.release()
+            changed = [i for i, s in enumerate(self._slot_list) if i >= len(before) or before[i] != s]
+            if changed:
+                rows = torch.tensor(changed, device=self.idx.device)
+                old.index_copy_(0, rows, storage.index_select(0, self.idx.index_select(0, rows)))
+            self._rows_buffer = old
+            return old[: self.rows]
+        room = max(self.rows, GATHER_BUDGET_BYTES // max(1, storage.shape[1] * storage.element_size()))
+        buffer = storage.new_empty(min(2 * self.rows, room), storage.shape[1])
+        torch.index_select(storage, 0, self.idx, out=buffer[: self.rows])
+        self._rows_buffer = buffer
+        return buffer[: self.rows]
+
+    # -- grouped: rows scattered per adapter, weights read in place --------------------------------------------
+    def _grouped_positions(self, slots: list[int]) -> None:
+        """An adapter row goes to position (slot - lo) * m + (its rank among its slot's rows) of the padded block,
+        a base row to a scratch position past the block (never multiplied). `_row_of` maps each block position
+        back to its row: padding maps to row 0 and only ever adds exact zeros (its input stays zero)."""
+        block = self._span * self._m
+        seen: dict[int, int] = {}
+        positions = []
+        row_of = [0] * block
+        scratch = block
+        for row, slot in enumerate(slots):
+            if slot == 0:
+                positions.append(scratch)
+                scratch += 1
+                continue
+            k = seen.get(slot, 0)
+            seen[slot] = k + 1
+            positions.append((slot - self._lo) * self._m + k)
+            row_of[positions[-1]] = row
+        self._scratch = scratch - block
+        self._pos = torch.tensor(positions, device=self.idx.device)
+        self._row_of = torch.tensor(row_of, device=self.idx.device)
+
+    def _scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, in] -> [span, m, in]; padding stays zero, so padded positions yield zero deltas."""
+        buffer = self._buffers.get(x.shape[1])
+        if buffer is None or buffer.dtype != x.dtype:
+            buffer = x.new_zeros(self._span * self._m + self._scratch, x.shape[1])
+            self._buffers[x.shape[1]] = buffer
+        buffer.index_copy_(0, self._pos, x)
+        return buffer[: self._span * self._m].view(self._span, self._m, x.shape[1])
+
+    def _window(self, weights: torch.Tensor) -> torch.Tensor:
+        """The slots lo..hi of weights [S, rows, cols], transposed for bmm: [span, cols, rows] (a cached view)."""
+        key = (weights.data_ptr(), weights.shape)
+        hit = self._gathered.get(key)
+        if hit is None:
+            hit = weights[self._lo : self._lo + self._span].transpose(1, 2)
+            self._gathered[key] = hit
+        return hit
+
+    def _expand_grouped(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
+        """y [N, out] += the padded deltas h [span, m, r] @ window(b), added back row by row."""
+        delta = torch.bmm(h, self._window(b))
+        y.index_add_(0, self._row_of, delta.view(self._span * self._m, -1))
+
+    # -- the operator --------------------------------------------------------------------------------------------
     def shrink(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x [N, in], a [S, R, in] -> h [N, R]."""
         if self.mode == "single":
             return x @ a[self.slot].T
-        return torch.bmm(x.unsqueeze(1), self._rows_of(a).transpose(1, 2)).squeeze(1)
+        if self.mode == "grouped":
+            h = torch.bmm(self._scatter(x), self._window(a)).view(self._span * self._m, -1)
+            h = torch.cat([h, h.new_zeros(self._scratch, h.shape[1])])  # base rows: h = 0
+            return h.index_select(0, self._pos)
+        return torch.bmm(x.unsqueeze(1), self._rows_t(a)).squeeze(1)
 
     def expand_add(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y [N, out] += h [N, r] @ b[idx].T; returns y."""
         if self.mode == "single":
             return y.addmm_(h, b[self.slot].T)
-        return y.add_(torch.bmm(h.unsqueeze(1), self._rows_of(b).transpose(1, 2)).squeeze(1))
+        if self.mode == "grouped":
+            self._expand_grouped(y, self._scatter(h), b)
+            return y
+        y.unsqueeze(1).baddbmm_(h.unsqueeze(1), self._rows_t(b))
+        return y
+
+    def apply(
+        self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int
+    ) -> None:
+        """Shrink once for every projection that shares input `x`, then expand into each output in place."""
+        mode = self.mode
+        if mode == "gather":  # [N, 1, R] kept 3-d end to end: no squeeze/unsqueeze per projection
+            h = torch.bmm(x.unsqueeze(1), self._rows_t(a))
+            for i, (y, b) in enumerate(outputs):
+                y.unsqueeze(1).baddbmm_(h[:, :, i * rank : (i + 1) * rank], self._rows_t(b))
+        elif mode == "grouped":  # h stays in the padded [span, m, R] layout until each output is gathered back
+            h = torch.bmm(self._scatter(x), self._window(a))
+            for i, (y, b) in enumerate(outputs):
+                self._expand_grouped(y, h[:, :, i * rank : (i + 1) * rank], b)
+        elif mode == "single":
+            h = x @ self._slot_t(a)
+            for i, (y, b) in enumerate(outputs):
+                y.addmm_(h[:, i * rank : (i + 1) * rank], self._slot_t(b))
 
     def release(self) -> None:
+        """Drop cached gathers and buffers (a later use rebuilds them)."""
         self._gathered.clear()
+        self._rows_flat = self._rows_buffer = self._previous = None
+        self._buffers.clear()
 
 
 def apply_lora(
@@ -98,11 +281,8 @@ def apply_lora(
     `a` stacks the projections' A matrices along R (R = rank * len(outputs)); `outputs` pairs each projection's
     output [N, out] with its B slot tensor [S, out, rank].
     """
-    if batch is None or not batch.active:
-        return
-    h = batch.shrink(x, a)
-    for i, (y, b) in enumerate(outputs):
-        batch.expand_add(y, h[:, i * rank : (i + 1) * rank], b)
+    if batch is not None and batch.mode != "none":
+        batch.apply(x, a, outputs, rank)
 
 
 def _self_check(seed: int = 0) -> dict[str, Any]:
@@ -114,13 +294,12 @@ def _self_check(seed: int = 0) -> dict[str, Any]:
     b[0].zero_()
     x = torch.randn(rows, fan_in, generator=gen, dtype=torch.float64)
     errors = {}
-    for name, idx in {
-        "mixed": torch.randint(0, slots, (rows,), generator=gen),
-        "single": torch.full((rows,), 3),
-        "none": torch.zeros(rows, dtype=torch.long),
-    }.items():
+    mixed = torch.randint(0, slots, (rows,), generator=gen)
+    for name, idx, kernel in [("gather", mixed, "gather"), ("grouped", mixed, "grouped"),
+                              ("single", torch.full((rows,), 3), "auto"),
+                              ("none", torch.zeros(rows, dtype=torch.long), "auto")]:  # fmt: skip
         want = expand_reference(shrink_reference(x, a, idx), b, idx)
-        batch = LoraBatch(idx)
+        batch = LoraBatch(idx, kernel=kernel)
         got = torch.zeros(rows, fan_out, dtype=torch.float64)
         apply_lora(batch, x, a, [(got, b)], rank)
         errors[name] = float((got - want).norm() / max(want.norm(), 1e-30))

@@ -6,9 +6,13 @@ Layout (L layers, S = K + 1 slots, slot 0 all zeros = "no adapter", r = the engi
     a["gate_up"] [L, S, 2r, hidden]
     a["down"]    [L, S, r, intermediate]
     b[proj]      [L, S, out, r]        one per projection, LoRA scale folded in
-Lower-rank adapters are zero-padded to r. An adapter is *pinned* while running sequences use it; only unpinned
-slots are evicted (least recently used first). Loading copies host tensors into the slot; on CUDA the host copy
-is pinned and the copy is non-blocking on a side stream, so it overlaps the running decode.
+Lower-rank adapters are zero-padded to r. All of it lives in one slot-major buffer, `storage` [S, F] (F = one
+adapter's floats, every layer): each `a`/`b` tensor above is a view of it, and each slot's matrix is stored
+transposed (A.T [in, 3r], B.T [r, out] contiguous), the layout the operator's matmuls read without a copy. So one
+`storage.index_select(0, rows)` gathers every layer's weights for a batch's rows at once (see `batched_lora`).
+An adapter is *pinned* while running sequences use it; only unpinned slots are evicted (least recently used
+first). Loading copies host tensors into the slot; on CUDA the host copy is pinned and the copy is non-blocking on
+a side stream, so it overlaps the running decode.
 
     python -m adapters.slot_bank      # prints the slot memory for SmolLM2 at a few (K, r)
 """
@@ -50,15 +54,20 @@ class LoraSlotBank:
         self.dtype = dtype
         self.device = torch.device(device)
         layers, slots = shapes.num_layers, num_slots + 1
-        self.a = {
-            group: torch.zeros(layers, slots, max_rank * len(projs), shapes.io[projs[0]][0], dtype=dtype, device=device)
-            for group, projs in GROUPS.items()
-        }
-        self.b = {
-            proj: torch.zeros(layers, slots, shapes.io[proj][1], max_rank, dtype=dtype, device=device)
-            for projs in GROUPS.values()
-            for proj in projs
-        }
+        # (logical shape [rows, cols] of one layer's matrix) per tensor; stored transposed, layer-major, per slot
+        blocks = {("a", g): (max_rank * len(projs), shapes.io[projs[0]][0]) for g, projs in GROUPS.items()}
+        blocks |= {("b", p): (shapes.io[p][1], max_rank) for projs in GROUPS.values() for p in projs}
+        per_slot = sum(layers * rows * cols for rows, cols in blocks.values())
+        self.storage = torch.zeros(slots, per_slot, dtype=dtype, device=device)
+        views: dict[tuple[str, str], torch.Tensor] = {}
+        offset = 0
+        for key, (rows, cols) in blocks.items():
+            size = layers * rows * cols
+            block = self.storage[:, offset : offset + size].view(slots, layers, cols, rows)  # [S, L, cols, rows]
+            views[key] = block.permute(1, 0, 3, 2)  # [L, S, rows, cols], each matrix transposed in memory
+            offset += size
+        self.a = {g: views[("a", g)] for g in GROUPS}
+        self.b = {p: views[("b", p)] for projs in GROUPS.values() for p in projs}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recently used first
         self._free = list(range(num_slots, 0, -1))
         self._pins: dict[str, int] = {}
@@ -81,7 +90,7 @@ class LoraSlotBank:
         return adapter_id in self._slot_of or bool(self._free) or any(not self._pins.get(a) for a in self._slot_of)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+        return self.storage.numel() * self.storage.element_size()
 
     # -- the operations the scheduler uses ---------------------------------------------------------------------
     def acquire(self, adapter_id: str, weights: LoraWeights | None = None) -> int:
@@ -130,8 +139,7 @@ class LoraSlotBank:
         r = self.rank
         context = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
         with context:
-            for tensor in [*self.a.values(), *self.b.values()]:
-                tensor[:, slot].zero_()
+            self.storage[slot].zero_()
             for (layer, proj), (a, b) in weights.modules.items():
                 group = next(g for g, projs in GROUPS.items() if proj in projs)
                 offset = GROUPS[group].index(proj) * r

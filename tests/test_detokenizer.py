@@ -36,3 +36,13 @@ def test_stop_string_across_tokens_is_cut_and_never_leaked(tok) -> None:
 def test_partial_stop_prefix_is_released_when_it_is_not_a_stop(tok) -> None:
     pieces, detok = _feed(tok, "a ## b", stop=("###",))
     assert "".join(pieces) == "a ## b" and not detok.stopped
+
+
+def test_the_backend_fast_path_decodes_exactly_like_the_tokenizer(tok) -> None:
+    text = "héllo wörld — ✓ <|im_end|> tail"
+    ids = tok(text, add_special_tokens=False).input_ids
+    fast = IncrementalDetokenizer(tok, [1, 2])
+    assert fast._backend_decode is not None
+    slow = IncrementalDetokenizer(tok, [1, 2])
+    slow._backend_decode = None  # the tokenizer's own decode
+    assert [fast.add(t) for t in ids] + [fast.flush()] == [slow.add(t) for t in ids] + [slow.flush()]

@@ -36,12 +36,13 @@ def _engine(base, dirs: dict[str, Path], **config) -> LoraEngine:
     return engine
 
 
-def test_mixed_batch_equals_peft_token_for_token(tiny_base, adapter_dirs) -> None:
+@pytest.mark.parametrize("kernel", ["auto", "grouped"])  # auto = gather on the tiny model
+def test_mixed_batch_equals_peft_token_for_token(tiny_base, adapter_dirs, kernel: str) -> None:
     names = [None, *ADAPTERS]
     requests = [(chat_ids(tiny_base.tokenizer, p), names[(i + j) % len(names)])
                 for i, p in enumerate(PROMPTS) for j in range(3)]  # fmt: skip
     max_new = 24
-    engine = _engine(tiny_base, adapter_dirs, max_running=6, max_loras=4, prefill_chunk=16)
+    engine = _engine(tiny_base, adapter_dirs, max_running=6, max_loras=4, prefill_chunk=16, lora_kernel=kernel)
     want = peft_greedy(tiny_base, adapter_dirs, requests, max_new, engine.eos_ids)
     got, most_mixed = engine_greedy(engine, requests, max_new)
     assert got == want

@@ -19,8 +19,14 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(1024, ge=1, description="waiting requests beyond which new ones are refused (429)")
     max_loras: int = Field(8, ge=1, description="adapter slots on the device = distinct adapters in one step")
     max_lora_rank: int = Field(16, ge=1, le=256, description="slot rank; lower-rank adapters are zero-padded")
-    prefill_chunk: int = Field(256, ge=8, description="prompt tokens prefilled per step (across sequences), so long prompts never stall decoding")
+    prefill_chunk: int = Field(
+        256,
+        ge=8,
+        description="prompt tokens prefilled per step (across sequences), so long prompts never stall decoding",
+    )
     starvation_s: float = Field(
         2.0, ge=0, description="an adapter waiting longer than this for a slot stops new admissions of running ones"
     )
-    lora_kernel: Literal["auto", "gather", "triton"] = "auto"
+    lora_kernel: Literal["auto", "gather", "grouped", "triton"] = Field(
+        "auto", description="mixed-adapter LoRA path (adapters/batched_lora.py); auto picks by size, triton = auto"
+    )

@@ -13,6 +13,10 @@ from typing import Any
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
         self._tok = tokenizer
+        # A fast tokenizer's decode without cleanup is its Rust backend's decode; calling that directly skips
+        # ~7 us of Python per call (two calls per generated token).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend_decode = backend.decode if backend is not None and hasattr(backend, "decode") else None
         self._ids: list[int] = list(prompt_ids[-4:])  # a little context for tokenizers that merge spaces
         self._prefix = 0
         self._read = len(self._ids)
@@ -23,6 +27,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=True)
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:

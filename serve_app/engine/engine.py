@@ -88,6 +88,7 @@ class LoraEngine:
         self._n_decode = 0
         self._by_id: dict[str, Sequence] = {}
         self._decode_plan: tuple[tuple, LoraBatch] | None = None
+        self._single_plans: dict[int, LoraBatch] = {}  # slot -> plan for rows that all use it (views only)
         self._bank_version = 0
         self.eos_ids = self._eos_ids()
         self.steps = 0
@@ -115,7 +116,9 @@ class LoraEngine:
     def register_adapter(self, adapter_id: str, source: Path | str | LoraWeights) -> LoraWeights:
         """Validate and keep an adapter on the host; it takes a device slot only when a request needs it.
         Raises `adapters.lora_files.AdapterRejected` with the reason for a bad adapter."""
-        weights = source if isinstance(source, LoraWeights) else read_lora(source, self.shapes, self.config.max_lora_rank)
+        weights = (
+            source if isinstance(source, LoraWeights) else read_lora(source, self.shapes, self.config.max_lora_rank)
+        )
         if weights.rank > self.config.max_lora_rank:
             from adapters.lora_files import AdapterRejected
 
@@ -238,18 +241,27 @@ class LoraEngine:
             seq.state = State.PREFILL
             self._slots[seq.kv_slot] = seq
 
-    def _lora_for(self, slots: tuple[int, ...], count: int) -> LoraBatch | None:
+    def _lora_for(self, slots: tuple[int, ...], previous: LoraBatch | None = None) -> LoraBatch | None:
         if not any(slots):
             return None
-        idx = torch.tensor(slots, device=self.device).repeat_interleave(count if len(slots) == 1 else 1)
-        return LoraBatch(idx)
+        if len(set(slots)) == 1:  # every row on one adapter (e.g. a prefill chunk): one reusable plan per slot
+            plan = self._single_plans.get(slots[0])
+            if plan is None:
+                plan = LoraBatch(torch.tensor(slots[:1], device=self.device), self.bank.storage)
+                self._single_plans[slots[0]] = plan
+            return plan
+        idx = torch.tensor(slots, device=self.device)
+        return LoraBatch(idx, self.bank.storage, self.config.lora_kernel, previous=previous)
 
     def _prefill_chunk(self, seq: Sequence, budget: int, outputs: list[TokenOutput], finished: list[Sequence]) -> int:
         """Prefill up to `budget` more prompt tokens of `seq`; return how many were processed."""
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
         tokens = torch.tensor(chunk, device=self.device)
-        logits = self.runner.prefill(seq.kv_slot, tokens, seq.prefilled, self._lora_for((seq.lora_slot,), len(chunk)))
+        logits = self.runner.prefill(seq.kv_slot, tokens, seq.prefilled, self._lora_for((seq.lora_slot,)))
         seq.prefilled += len(chunk)
+        if not bool(torch.isfinite(logits).all()):
+            self._fail_poisoned(seq, outputs, finished)
+            return len(chunk)
         if seq.prefilled < len(seq.prompt_ids):
             return len(chunk)
         seq.first_token_at = time.monotonic()
@@ -263,12 +275,29 @@ class LoraEngine:
         positions = torch.tensor([s.length - 1 for s in rows], device=self.device)
         key = (tuple(s.lora_slot for s in rows), self._bank_version)
         if self._decode_plan is None or self._decode_plan[0] != key:
-            plan = self._lora_for(key[0], 1)
+            # the old plan's gathered rows stay valid for unchanged rows unless an adapter was loaded since
+            old = self._decode_plan[1] if self._decode_plan and self._decode_plan[0][1] == key[1] else None
+            plan = self._lora_for(key[0], old)
             self._decode_plan = (key, plan) if plan is not None else None
         lora = self._decode_plan[1] if self._decode_plan else None
         logits = self.runner.decode(tokens, positions, lora)
-        for seq, token in zip(rows, sample(logits, rows), strict=True):
-            self._append(seq, token, outputs, finished)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        for seq, token, ok in zip(rows, sample(logits, rows), finite, strict=True):
+            if ok:
+                self._append(seq, token, outputs, finished)
+            else:
+                self._fail_poisoned(seq, outputs, finished)
+
+    def _fail_poisoned(self, seq: Sequence, outputs: list[TokenOutput], finished: list[Sequence]) -> None:
+        """Non-finite logits (overflow, e.g. an adapter with huge weights): end the request with an error and zero
+        its K/V, which the slot's next user reads behind its attention mask (0 * NaN = NaN would corrupt it)."""
+        self.kv.k[:, seq.kv_slot, :, : seq.length] = 0
+        self.kv.v[:, seq.kv_slot, :, : seq.length] = 0
+        reason = f"the model produced non-finite values (adapter {seq.adapter_id or 'none'}); request aborted"
+        outputs.append(TokenOutput(seq.request_id, None, "", True, "error", len(seq.prompt_ids),
+                                   len(seq.output_ids), error=reason))  # fmt: skip
+        self._finish(seq, "error")
+        finished.append(seq)
 
     def _append(self, seq: Sequence, token: int, outputs: list[TokenOutput], finished: list[Sequence]) -> bool:
         """Record one sampled token; return True if the sequence finished."""
