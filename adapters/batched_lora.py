@@ -9,11 +9,11 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
 `LoraBatch` is the plan for one step's rows. It picks the cheapest correct path:
   - `none`:    no row uses an adapter: nothing to do;
   - `single`:  every row uses the same slot (a prefill chunk, or a batch of one adapter): two plain matmuls;
-  - `gather`:  each row's weights copied next to it (`index_select`), then one `bmm` per matrix over the rows.
-    Fewest operations per step, so it wins where per-op overhead dominates (small models, CPU), but it copies
-    rows x adapter size. With the slot bank's `storage` the copy is one `index_select` for every layer at once,
-    made when the plan is first used and reused while the rows stay the same (continuous batching changes them
-    only when a request joins or leaves);
+  - `gather`:  each row's weights copied next to it (`index_select`), then one `bmm`/`baddbmm_` per matrix over
+    the rows, in place. Fewest operations per step; best when (nearly) every row has its own adapter, but it
+    reads and copies rows x adapter size. With the slot bank's `storage` the copy is one `index_select` for every
+    layer at once, made when the plan is first used; the next plan takes the buffer over and re-copies only the
+    rows whose slot changed (continuous batching changes rows only when a request joins or leaves);
   - `grouped`: rows scattered into an [adapters, m, in] block (m = most rows of one adapter) and one `bmm` per
     matrix straight over the slot tensors, no weight copy: every adapter is read once per step however many rows
     use it, and its deltas are added back with `index_add_`. A few more operations than `gather`, half or less of
@@ -93,7 +93,7 @@ class LoraBatch:
         self._rows_flat: torch.Tensor | None = None  # [N, F] view of _rows_buffer [capacity, F]
         self._rows_buffer: torch.Tensor | None = None
         self._previous = previous if previous is not None and previous._storage is storage else None
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # width -> (flat, [span, m, width] view)
         self._lo, self._span, self._m = 0, 0, 0
         if not self.distinct:
             self.mode: Mode = "none"
@@ -202,12 +202,13 @@ class LoraBatch:
 
     def _scatter(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, in] -> [span, m, in]; padding stays zero, so padded positions yield zero deltas."""
-        buffer = self._buffers.get(x.shape[1])
-        if buffer is None or buffer.dtype != x.dtype:
-            buffer = x.new_zeros(self._span * self._m + self._scratch, x.shape[1])
-            self._buffers[x.shape[1]] = buffer
-        buffer.index_copy_(0, self._pos, x)
-        return buffer[: self._span * self._m].view(self._span, self._m, x.shape[1])
+        width = x.shape[1]
+        buffers = self._buffers.get(width)
+        if buffers is None or buffers[0].dtype != x.dtype:
+            flat = x.new_zeros(self._span * self._m + self._scratch, width)
+            buffers = self._buffers[width] = (flat, flat[: self._span * self._m].view(self._span, self._m, width))
+        buffers[0].index_copy_(0, self._pos, x)
+        return buffers[1]
 
     def _window(self, weights: torch.Tensor) -> torch.Tensor:
         """The slots lo..hi of weights [S, rows, cols], transposed for bmm: [span, cols, rows] (a cached view)."""

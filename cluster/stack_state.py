@@ -88,8 +88,11 @@ class StackInfo(BaseModel):
     def client_env(self) -> dict[str, str]:
         """Environment for local clients of this stack. Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 a driver's
         `ray.init(address=ray_address)` resolves 127.0.0.1 to the external interface and fails to connect."""
-        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "MLFLOW_TRACKING_URI": self.mlflow_url,
-                "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}  # as the head (cluster/ray_head.py)
+        return {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        }  # as the head (cluster/ray_head.py)
 
     def job_submit_command(self, entrypoint: str = "python my_job.py", working_dir: str = ".") -> str:
         return f"ray job submit --address {self.dashboard_url} --working-dir {working_dir} -- {entrypoint}"

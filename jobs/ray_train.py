@@ -93,15 +93,21 @@ def fit_adapter(config: SweepConfig, spec: TrialSpec, run_id: str, callbacks: li
         per_worker["GPU"] = res.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run_id,
-                           "tracking_uri": config.mlflow.uri(), "experiment": config.mlflow.experiment},  # fmt: skip
-        scaling_config=ScalingConfig(num_workers=res.workers_per_adapter, use_gpu=res.use_gpu,
-                                     resources_per_worker=per_worker),  # fmt: skip
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run_id": run_id,
+            "tracking_uri": config.mlflow.uri(),
+            "experiment": config.mlflow.experiment,
+        },  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=res.workers_per_adapter, use_gpu=res.use_gpu, resources_per_worker=per_worker
+        ),  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"{spec.sweep}-{spec.adapter_name}",  # stable: a resubmitted sweep resumes from its checkpoints
             storage_path=str(Path(config.storage_path).expanduser().absolute())
-            if "://" not in config.storage_path else config.storage_path,
+            if "://" not in config.storage_path
+            else config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -78,7 +78,9 @@ class SweepTracker:
 
     def child_run(self, parent_id: str, spec: TrialSpec, dataset_hash: str) -> tuple[str, bool]:
         """(run id, already done) for this adapter under the parent; created if missing."""
-        run = self._find([f"tags.`mlflow.parentRunId` = '{parent_id}'", f"tags.`{TAG_ADAPTER}` = '{spec.adapter_name}'"])
+        run = self._find(
+            [f"tags.`mlflow.parentRunId` = '{parent_id}'", f"tags.`{TAG_ADAPTER}` = '{spec.adapter_name}'"]
+        )
         if run is not None:
             return run.info.run_id, run.data.tags.get(TAG_DONE) == "true"
         tags = {"mlflow.parentRunId": parent_id, TAG_SWEEP: spec.sweep, TAG_ADAPTER: spec.adapter_name,

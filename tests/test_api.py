@@ -134,8 +134,13 @@ def test_bad_requests_get_4xx_with_openai_error(app, body, status, needle) -> No
 
 @pytest.mark.parametrize(
     ("content", "status"),
-    [(b"{not json", 400), (b"\xff\xfe\xfa", 400), (b"[" * 50_000, 400), (b"x" * 200_000, 413),
-     (json.dumps({"model": "ad0", "messages": HI, "pad": "y" * 200_000}).encode(), 413)],  # fmt: skip
+    [
+        (b"{not json", 400),
+        (b"\xff\xfe\xfa", 400),
+        (b"[" * 50_000, 400),
+        (b"x" * 200_000, 413),
+        (json.dumps({"model": "ad0", "messages": HI, "pad": "y" * 200_000}).encode(), 413),
+    ],  # fmt: skip
 )
 def test_malformed_and_oversized_bodies(app, content: bytes, status: int) -> None:
     async def go():

@@ -21,7 +21,9 @@ def test_smollm2_mixed_batch_equals_peft(smollm2_base, tmp_path) -> None:
     dirs = {n: write_random_adapter(tmp_path / n, shapes, scale=0.5, **kw) for n, kw in specs.items()}
     prompts = ["What is the capital of France?", "Give me one word that rhymes with cat.", "Count from 1 to 5."]
     names = [None, "a", "b", "c", "d"]
-    requests = [(chat_ids(smollm2_base.tokenizer, p), names[(i + j) % 5]) for i, p in enumerate(prompts) for j in range(3)]
+    requests = [
+        (chat_ids(smollm2_base.tokenizer, p), names[(i + j) % 5]) for i, p in enumerate(prompts) for j in range(3)
+    ]
     engine = LoraEngine(smollm2_base, EngineConfig(max_running=8, max_loras=4, max_lora_rank=16, max_seq_len=256,
                                                    prefill_chunk=32))  # fmt: skip
     for name, folder in dirs.items():

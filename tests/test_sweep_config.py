@@ -50,7 +50,10 @@ def _write(tmp_path: Path, data: dict) -> Path:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        ({"name": "x", "tasks": ["sentiment", "poetry"]}, "tasks: unknown task 'poetry' (item 1); known tasks: date_normalisation"),
+        (
+            {"name": "x", "tasks": ["sentiment", "poetry"]},
+            "tasks: unknown task 'poetry' (item 1); known tasks: date_normalisation",
+        ),
         ({"name": "x", "lora": {"r": 0}}, "lora.r: Input should be greater than or equal to 1"),
         ({"name": "x", "lora": {"rank": 8}}, "lora.rank: Extra inputs are not permitted"),
         ({"name": "x", "training": {"max_steps": None}}, "set exactly one of max_steps and epochs"),

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 # A model string is only ever matched against this grammar, never used as a path or URL.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-MODEL_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,99})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[0-9]{1,9}))?$")
+MODEL_RE = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,99})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[0-9]{1,9}))?$"
+)
 
 
 class RegistryUnavailable(RuntimeError):
