@@ -197,6 +197,8 @@ class LoraBatch:
             positions.append((slot - self._lo) * self._m + k)
             row_of[positions[-1]] = row
         self._scratch = scratch - block
+        # rows already sorted by adapter with equal counts (co-training's batches): the scatter is a plain view
+        self._contiguous = block == len(slots) and positions == list(range(len(slots)))
         self._pos = torch.tensor(positions, device=self.idx.device)
         self._row_of = torch.tensor(row_of, device=self.idx.device)
 
@@ -262,6 +264,26 @@ class LoraBatch:
             h = x @ self._slot_t(a)
             for i, (y, b) in enumerate(outputs):
                 y.addmm_(h[:, i * rank : (i + 1) * rank], self._slot_t(b))
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """x [N, in] -> x[n] @ a[idx[n]].T @ b[idx[n]].T as a new [N, out] tensor: the same plan, out of place and
+        without cached state, so autograd can differentiate it (training; `apply` is the in-place serving path).
+        `a` [S, r, in], `b` [S, out, r] may be views of a trainable tensor."""
+        if self.mode == "none":
+            return x.new_zeros(x.shape[0], b.shape[1])
+        if self.mode == "single":
+            return (x @ a[self.slot].T) @ b[self.slot].T
+        if self.mode == "gather":
+            h = torch.bmm(x.unsqueeze(1), a.index_select(0, self.idx).transpose(1, 2))
+            return torch.bmm(h, b.index_select(0, self.idx).transpose(1, 2)).squeeze(1)
+        window, block = slice(self._lo, self._lo + self._span), self._span * self._m
+        if self._contiguous:
+            xs = x.view(self._span, self._m, x.shape[1])
+        else:
+            padded = x.new_zeros(block + self._scratch, x.shape[1]).index_copy(0, self._pos, x)
+            xs = padded[:block].view(self._span, self._m, x.shape[1])
+        d = torch.bmm(torch.bmm(xs, a[window].transpose(1, 2)), b[window].transpose(1, 2)).view(block, -1)
+        return d if self._contiguous else x.new_zeros(x.shape[0], d.shape[1]).index_add(0, self._row_of, d)
 
     def release(self) -> None:
         """Drop cached gathers and buffers (a later use rebuilds them)."""

@@ -68,11 +68,16 @@ class TrainingSettings(_Strict):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="steps between quick evals during training; 0 = only at the end")
     checkpoint_every: int = Field(50, ge=1)
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="stop after this many quick evals (eval_every) without a lower eval loss; null = never"
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSettings:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of max_steps and epochs")
+        if self.early_stop_patience is not None and not self.eval_every:
+            raise ValueError("early_stop_patience needs eval_every > 0 (early stopping watches the quick evals)")
         return self
 
 
@@ -138,6 +143,19 @@ class SweepConfig(_Strict):
     storage_path: str = Field(".lorafleet/runs", description="checkpoints; shared FS or s3:// on a cluster")
     mlflow: MlflowSettings = MlflowSettings()
     deepspeed: DeepSpeedSettings | None = None
+    strategy: Literal["solo", "cotrain"] = Field(
+        "solo", description="solo: one Ray Train run (and base copy) per adapter; cotrain: see adapters_per_job"
+    )
+    adapters_per_job: int = Field(8, ge=1, le=256, description="cotrain: adapters trained together over one base")
+
+    @model_validator(mode="after")
+    def _cotrain_fits(self) -> SweepConfig:
+        if self.strategy == "cotrain":
+            if self.resources.workers_per_adapter != 1:
+                raise ValueError("resources.workers_per_adapter: strategy cotrain runs each group on one worker")
+            if self.deepspeed is not None:
+                raise ValueError("deepspeed: not supported with strategy cotrain (use solo for sharded bases)")
+        return self
 
     @field_validator("tasks")
     @classmethod
@@ -196,6 +214,18 @@ class SweepConfig(_Strict):
                 specs.append(TrialSpec.build(applied, task, point))
         return specs
 
+    def groups(self) -> list[list[TrialSpec]]:
+        """cotrain: the trials in groups of at most `adapters_per_job` that can share one base (same quantization
+        and gradient checkpointing), in trial order; solo: one trial per group."""
+        if self.strategy == "solo":
+            return [[t] for t in self.trials()]
+        by_key: dict[str, list[TrialSpec]] = {}
+        for trial in self.trials():
+            key = json.dumps([trial.quantization.model_dump(mode="json"), trial.training.gradient_checkpointing])
+            by_key.setdefault(key, []).append(trial)
+        k = self.adapters_per_job
+        return [members[i : i + k] for members in by_key.values() for i in range(0, len(members), k)]
+
 
 class TrialSpec(_Strict):
     """Everything one adapter's training needs; plain data, so it travels to Ray workers."""
@@ -253,8 +283,11 @@ def main() -> None:
         config = load_config(args.config)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    for trial in config.trials():
-        print(f"{trial.adapter_name:32s} task={trial.task:20s} point={trial.point}")
+    for number, group in enumerate(config.groups(), 1):
+        if config.strategy == "cotrain":
+            print(f"co-training group {number} ({len(group)} adapters over one base):")
+        for trial in group:
+            print(f"{trial.adapter_name:32s} task={trial.task:20s} point={trial.point}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ Steps: validate the config -> preflight (datasets, base model, resources, MLflow
 pass) -> one MLflow parent run -> Ray Tune runs one trial per adapter, at most `max_concurrent_trials` at a time,
 each fitting its own TorchTrainer (see jobs/ray_train.py) -> every adapter registered as a version of
 `<prefix><task>` with alias `champion` on the best -> summary table and leaderboard chart (also on the parent run).
-Resubmitting the same config skips finished adapters and resumes unfinished ones from their checkpoints.
+With `strategy: cotrain`, each Tune trial is instead a group of up to `adapters_per_job` adapters trained together
+over one base copy (jobs/ray_cotrain.py, jobs/cotrain_loop.py); every adapter still gets its own MLflow run and
+registry version. Resubmitting the same config skips finished adapters and resumes unfinished ones from their
+checkpoints.
 `--set training.max_steps=20` overrides any field (same syntax as grid keys).
 """
 
@@ -65,6 +68,48 @@ def run_trial(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> No
     print(f"[{spec.adapter_name}] base {outcome['base_score']:.1f} -> adapter {outcome['adapter_score']:.1f} "
           f"({metric}); registered {spec.registered_model} version {version}", flush=True)  # fmt: skip
     tune.report({"adapter_score": outcome["adapter_score"], "base_score": outcome["base_score"], "skipped": 0})
+
+
+def run_group(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> None:
+    """A Ray Tune function trainable for `strategy: cotrain`: co-train one group of adapters over one base (those
+    not yet trained and registered), then finish each adapter's MLflow run and registry version like a solo run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.ray_cotrain import OUTCOMES_FILE, fit_group
+    from jobs.tracking import SweepTracker
+
+    group = payloads[params["group"]]
+    config = SweepConfig.model_validate(group["config"])
+    specs = [TrialSpec.model_validate(s) for s in group["specs"]]
+    tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
+    run_ids, todo = {}, []
+    for spec in specs:
+        run_id, done = tracker.child_run(group["parent_id"], spec, dataset_hash(config, spec.task))
+        tracker.client.set_tag(run_id, "cotrain_group", params["group"])
+        run_ids[spec.adapter_name] = run_id
+        if done:
+            print(f"[{spec.adapter_name}] already trained and registered in run {run_id}: skipped", flush=True)
+        else:
+            todo.append(spec)
+    if not todo:
+        tune.report({"skipped": len(specs)})
+        return
+    print(f"[group {params['group']}] co-training {', '.join(s.adapter_name for s in todo)} over one "
+          f"{config.base_model} base", flush=True)  # fmt: skip
+    folder = fit_group(config, todo, {s.adapter_name: run_ids[s.adapter_name] for s in todo},
+                       f"{config.name}-group-{params['group']}", [TuneReportCallback()])  # fmt: skip
+    outcomes = json.loads((folder / OUTCOMES_FILE).read_text())
+    scores = []
+    for spec in todo:
+        outcome, metric = outcomes[spec.adapter_name], get_task(spec.task).metric
+        version = tracker.finish_child(run_ids[spec.adapter_name], spec, outcome, folder / spec.adapter_name, metric,
+                                       config.mlflow.register_models)  # fmt: skip
+        scores.append(outcome["adapter_score"])
+        print(f"[{spec.adapter_name}] base {outcome['base_score']:.1f} -> adapter {outcome['adapter_score']:.1f} "
+              f"({metric}, {outcome['steps']} steps); registered {spec.registered_model} version {version}",
+              flush=True)  # fmt: skip
+    tune.report({"adapter_score": sum(scores) / len(scores), "skipped": len(specs) - len(todo)})
 
 
 def summary_rows(tracker: Any, parent_id: str, trials: list[TrialSpec]) -> list[dict[str, Any]]:
@@ -132,17 +177,29 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
     tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
     parent_id = tracker.parent_run(config)
     trials = config.trials()
-    print(f"sweep {config.name}: {len(trials)} adapters, {config.max_concurrent_trials} at a time "
-          f"(MLflow parent run {parent_id})", flush=True)  # fmt: skip
     payload = config.model_dump(mode="json")
-    payloads = {s.adapter_name: {"config": payload, "spec": s.model_dump(mode="json"), "parent_id": parent_id}
-                for s in trials}  # fmt: skip
+    if config.strategy == "cotrain":
+        from jobs.ray_cotrain import group_id
+
+        groups = config.groups()
+        print(f"sweep {config.name}: {len(trials)} adapters co-trained in {len(groups)} groups of at most "
+              f"{config.adapters_per_job}, {config.max_concurrent_trials} groups at a time (MLflow parent run "
+              f"{parent_id})", flush=True)  # fmt: skip
+        payloads = {group_id(g): {"config": payload, "specs": [s.model_dump(mode="json") for s in g],
+                                  "parent_id": parent_id} for g in groups}  # fmt: skip
+        trainable, key = run_group, "group"
+    else:
+        print(f"sweep {config.name}: {len(trials)} adapters, {config.max_concurrent_trials} at a time "
+              f"(MLflow parent run {parent_id})", flush=True)  # fmt: skip
+        payloads = {s.adapter_name: {"config": payload, "spec": s.model_dump(mode="json"), "parent_id": parent_id}
+                    for s in trials}  # fmt: skip
+        trainable, key = run_trial, "adapter"
     storage = config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).absolute())
     tuner = tune.Tuner(
         # the trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs)
         # no CPU: even 0.01 per trial would leave 0.98 of a core free and keep a 1-CPU worker from starting
-        tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), {"cpu": 0, "memory": 1}),
-        param_space={"adapter": tune.grid_search(list(payloads))},
+        tune.with_resources(tune.with_parameters(trainable, payloads=payloads), {"cpu": 0, "memory": 1}),
+        param_space={key: tune.grid_search(list(payloads))},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials),
         run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=storage, verbose=1),
     )
@@ -155,7 +212,7 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
         tracker.finish_parent(parent_id, rows, chart)
     for failure in failures:
         lines = [line for line in str(failure.error).splitlines() if line.strip()]
-        print(f"error: trial {failure.config.get('adapter')} failed: {lines[-1] if lines else failure.error}",
+        print(f"error: trial {failure.config.get(key)} failed: {lines[-1] if lines else failure.error}",
               file=sys.stderr)  # fmt: skip
     if failures:
         raise SystemExit(1)

@@ -26,6 +26,7 @@ import torch
 from jobs.checkpointing import load_checkpoint, save_adapter, save_checkpoint
 from jobs.config import TrialSpec, load_config
 from jobs.data import Batches, collate, encode_rows
+from jobs.early_stop import EarlyStop
 from jobs.evaluate import BASE, as_base, evaluate
 from jobs.model_setup import build_training
 from jobs.tasks import get_task, load_split
@@ -102,8 +103,10 @@ def train(
     world: int = 1,
     device: str | None = None,
     wrap_model: Any = None,
+    final_eval: bool = True,
 ) -> TrainOutcome:
-    """Train one adapter; only rank 0 writes files and evaluates. `wrap_model` wraps for DDP (Ray Train)."""
+    """Train one adapter; only rank 0 writes files and evaluates (unless `final_eval` is False: benchmarks).
+    `wrap_model` wraps for DDP (Ray Train)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t = spec.training
     task = get_task(spec.task)
@@ -127,9 +130,11 @@ def train(
     compute_dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
 
     step, micro_index = 0, 0
+    stopper = EarlyStop(t.early_stop_patience)
     if resume is not None:
         progress = load_checkpoint(resume, model, setup.optimizer, setup.scheduler)
         step, micro_index = progress["step"], progress["micro_index"]
+        stopper.restore(progress)
         log.info("resumed %s from step %d", spec.adapter_name, step)
         hooks.log(step, {"resumed_from_step": step})  # in the run's metrics: a retried run shows where it resumed
 
@@ -172,20 +177,27 @@ def train(
                              "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
                              "memory_mb": peak_memory_mb(device), "epoch": micro_index / max(batches.per_epoch, 1)})  # fmt: skip
             window_loss, window_tokens, window_count, window_start = 0.0, 0, 0, time.monotonic()
-        if t.eval_every and step % t.eval_every == 0 and step < setup.total_steps and rank == 0:
-            hooks.log(step, quick_eval(spec, task, model, base, eval_rows[: spec.evaluation.quick_examples], pad_id))
+        if t.eval_every and step % t.eval_every == 0 and step < setup.total_steps:
+            stop = False
+            if rank == 0:
+                quick = quick_eval(spec, task, model, base, eval_rows[: spec.evaluation.quick_examples], pad_id)
+                stop = stopper.update(quick["eval_loss"])
+                hooks.log(step, {**quick, **({"early_stopped_at": step} if stop else {})})
+            if _agreed(stop, world, device):
+                break
         if step % t.checkpoint_every == 0 and step < setup.total_steps:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = None
                 if rank == 0:
                     folder = save_checkpoint(Path(tmp) / "checkpoint", model, setup.optimizer, setup.scheduler, step,
-                                             micro_index, base.name, base.fingerprint)  # fmt: skip
+                                             micro_index, base.name, base.fingerprint, stopper.state())  # fmt: skip
                 hooks.checkpoint(step, folder, {"step": step, "loss": last_loss})
     train_seconds = time.monotonic() - started
     outcome = TrainOutcome(out_dir, step, last_loss, seen_tokens * world / max(train_seconds, 1e-9), train_seconds,
                            peak_memory_mb(device), float("nan"), float("nan"))  # fmt: skip
     if rank == 0:
         save_adapter(model, out_dir, base.name, base.fingerprint)
+    if rank == 0 and final_eval:
         with as_base(model, base) as plain:
             results = evaluate(plain, task, eval_rows, {BASE: None, "adapter": out_dir},
                                spec.evaluation.max_new_tokens, spec.evaluation.batch_size, spec.lora.r)  # fmt: skip
@@ -194,6 +206,15 @@ def train(
                             for r, b, a in zip(eval_rows[:5], results[BASE].predictions,
                                                results["adapter"].predictions, strict=False)]  # fmt: skip
     return outcome
+
+
+def _agreed(stop: bool, world: int, device: str) -> bool:
+    """Rank 0's early-stop decision, on every rank."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([int(stop)], device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def quick_eval(spec: TrialSpec, task: Any, model: Any, base: Any, rows: list[dict], pad_id: int) -> dict[str, float]:
