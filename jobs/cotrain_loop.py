@@ -30,9 +30,9 @@ from jobs.config import TrialSpec, load_config
 from jobs.cotrain_state import Member, load_group_checkpoint, save_group_checkpoint
 from jobs.data import collate, encode_rows
 from jobs.evaluate import BASE, evaluate
-from jobs.model_setup import make_optimizer, make_scheduler, total_steps
+from jobs.model_setup import make_optimizer, make_scheduler, prepare_for_lora, total_steps
 from jobs.tasks import get_task, load_split
-from jobs.train_loop import TrainOutcome, peak_memory_mb
+from jobs.train_loop import TrainOutcome, peak_memory_mb, to_device
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,14 @@ def check_group(specs: list[TrialSpec]) -> None:
 
 
 def prepare_base(spec: TrialSpec, device: str) -> Any:
-    """Load the frozen base once, ready for LoRA training (k-bit preparation, gradient checkpointing)."""
+    """Load the frozen base once, ready for LoRA training."""
     from adapters.base_models import load_base
 
     base = load_base(spec.base_model, spec.quantization, device=device)
-    model = base.model
-    for p in model.parameters():
+    for p in base.model.parameters():
         p.requires_grad_(False)
-    checkpointing = spec.training.gradient_checkpointing
-    if base.quantized:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
+    base.model = prepare_for_lora(base, spec.training.gradient_checkpointing)
+    base.model.config.use_cache = False
     return base
 
 
@@ -99,13 +90,6 @@ def row_loss_sums(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                                ignore_index=-100, reduction="none").view(targets.shape)  # fmt: skip
     return losses.sum(dim=1), (targets != -100).sum(dim=1)
-
-
-def _to(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out = {k: v.to(device) for k, v in batch.items()}
-    if out["attention_mask"].dim() == 4:
-        out["attention_mask"] = out["attention_mask"].to(dtype)
-    return out
 
 
 def cotrain(specs: list[TrialSpec], hooks: GroupHooks, out_dir: Path, resume: Path | None = None,
@@ -147,7 +131,7 @@ def cotrain(specs: list[TrialSpec], hooks: GroupHooks, out_dir: Path, resume: Pa
         parts = {id(m): [0.0, 0, 0] for m in active}  # loss sum, completion tokens, tokens
         for chunk in length_chunks(rows):
             chunk.sort(key=lambda item: item[1].slot)  # each adapter's rows side by side: the operator's fast path
-            batch = _to(collate([row for row, _ in chunk], pad_id, dtype), device, dtype)
+            batch = to_device(collate([row for row, _ in chunk], pad_id, dtype), device, dtype)
             bank.use(torch.tensor([m.slot for _, m in chunk], device=device), batch["input_ids"].shape[1])
             sums, counts = row_loss_sums(model, batch)
             scale = torch.tensor([1.0 / max(m.window_targets, 1) for _, m in chunk], device=sums.device)
@@ -222,7 +206,7 @@ def _optimizer_step(bank: TrainableLoraBank, m: Member) -> None:
 def _eval_loss(bank: TrainableLoraBank, model: Any, m: Member, rows: list[dict], pad_id: int,
                dtype: torch.dtype, device: str) -> float:  # fmt: skip
     examples = encode_rows(m.tokenizer, m.task, rows, m.spec.training.max_seq_len)
-    batch = _to(collate([[e] for e in examples], pad_id, dtype), device, dtype)
+    batch = to_device(collate([[e] for e in examples], pad_id, dtype), device, dtype)
     bank.use(torch.full((len(examples),), m.slot, device=device), batch["input_ids"].shape[1])
     sums, counts = row_loss_sums(model, batch)
     return float(sums.sum()) / max(int(counts.sum()), 1)

@@ -26,18 +26,26 @@ class TrainingSetup:
     deepspeed_engine: Any = None
 
 
-def build_peft_model(spec: TrialSpec, device: str) -> tuple[LoadedBase, Any]:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_for_lora(base: LoadedBase, gradient_checkpointing: bool) -> Any:
+    """The frozen base made ready for LoRA training (k-bit preparation, gradient checkpointing); solo runs and
+    co-training alike."""
+    from peft import prepare_model_for_kbit_training
 
-    base = load_base(spec.base_model, spec.quantization, device=device)
     model = base.model
-    checkpointing = spec.training.gradient_checkpointing
     if base.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
-    elif checkpointing:
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return model
+
+
+def build_peft_model(spec: TrialSpec, device: str) -> tuple[LoadedBase, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base(spec.base_model, spec.quantization, device=device)
+    model = prepare_for_lora(base, spec.training.gradient_checkpointing)
     lora = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,

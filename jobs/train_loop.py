@@ -87,7 +87,7 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return loss, int((targets != -100).sum())
 
 
-def _to(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {k: v.to(device) for k, v in batch.items()}
     if out["attention_mask"].dim() == 4:
         out["attention_mask"] = out["attention_mask"].to(dtype)
@@ -149,7 +149,7 @@ def train(
             micro_index += 1
         targets = sum(sum(lb != -100 for lb in ex.labels) for mb in micro for row in mb for ex in row)
         for mb in micro:
-            batch = _to(collate(mb, pad_id, compute_dtype), device, compute_dtype)
+            batch = to_device(collate(mb, pad_id, compute_dtype), device, compute_dtype)
             summed, count = loss_sum(forward_model, batch)
             loss = summed / max(targets, 1)
             if ds is not None:  # DeepSpeed steps per micro-batch and applies the update at the accumulation boundary
@@ -226,7 +226,7 @@ def quick_eval(spec: TrialSpec, task: Any, model: Any, base: Any, rows: list[dic
     device = str(next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
-        summed, count = loss_sum(model, _to(collate([[e] for e in examples], pad_id, dtype), device, dtype))
+        summed, count = loss_sum(model, to_device(collate([[e] for e in examples], pad_id, dtype), device, dtype))
     model.train()
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_adapter(model, Path(tmp) / "adapter", base.name, base.fingerprint)
