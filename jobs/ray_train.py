@@ -10,6 +10,9 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
+import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,27 +25,101 @@ ADAPTER_DIR = "adapter"
 
 
 class RayHooks:
-    """Metrics to MLflow (rank 0) and the job log; checkpoints to Ray Train storage (every rank reports)."""
+    """Metrics to MLflow (rank 0) and the job log; checkpoints to Ray Train storage (every rank reports).
+
+    MLflow being down (restarted, say) neither stalls training nor loses metrics: `log` queues each batch with its
+    step and the time it was measured, and a sender thread delivers the queue in order, retrying while MLflow is
+    unreachable (a batch re-sent after a lost reply carries the same timestamp and is deduplicated by the server).
+    The run's last log call (its final step) waits until the queue is delivered, for up to
+    `jobs.tracking.retry_seconds()`, and names any steps it had to give up on. `close()` does the same wait."""
 
     def __init__(self, spec: TrialSpec, run_id: str, tracking_uri: str, experiment: str, rank: int) -> None:
         self.spec, self.rank = spec, rank
         self.run_id = run_id
         self._tracker = None
+        self._queue: deque[tuple[int, int, dict[str, float]]] = deque()  # (step, timestamp ms, metrics)
+        self._changed = threading.Condition()
+        self._sender: threading.Thread | None = None
         if rank == 0:
             from jobs.tracking import SweepTracker
 
-            self._tracker = SweepTracker(tracking_uri, experiment)
+            self._tracker = SweepTracker(tracking_uri, experiment)  # makes no request
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
             return
         print(f"[{self.spec.adapter_name}] step {step:5d} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
               flush=True)  # fmt: skip
+        with self._changed:
+            self._queue.append((step, int(time.time() * 1000), {k: float(v) for k, v in metrics.items()}))
+            self._changed.notify_all()
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
+                self._sender.start()
+        if self._is_last_step(step, metrics):
+            self.close()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait until every queued batch reached MLflow (up to `timeout`, default the tracking retry budget).
+        False, after saying which steps are missing, if MLflow did not take them in time."""
+        from jobs.tracking import retry_seconds
+
+        budget = retry_seconds() if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        with self._changed:
+            if self._queue:
+                print(f"[{self.spec.adapter_name}] waiting up to {budget:g} s for MLflow to take "
+                      f"{len(self._queue)} queued metric batches", flush=True)  # fmt: skip
+            while self._queue and time.monotonic() < deadline:
+                self._changed.wait(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            missing = [step for step, _, _ in self._queue]
+        if missing:
+            print(f"[{self.spec.adapter_name}] error: MLflow did not take {len(missing)} metric batches (steps "
+                  f"{missing[0]}-{missing[-1]}) within {budget:g} s; they are not in the run", flush=True)  # fmt: skip
+        return not missing
+
+    def _is_last_step(self, step: int, metrics: dict[str, float]) -> bool:
+        """The train loop's final log call: step == max_steps, or (epoch-based runs) the epoch count reached, or
+        early stopping's last eval."""
+        t = self.spec.training
+        if "early_stopped_at" in metrics:
+            return True
+        if t.max_steps is not None:
+            return step >= t.max_steps
+        return t.epochs is not None and metrics.get("epoch", 0.0) >= t.epochs
+
+    def _send_forever(self) -> None:
+        from jobs.tracking import TrackingUnavailable, is_transient
+
         assert self._tracker is not None
-        try:
-            self._tracker.log_metrics(self.run_id, step, metrics)
-        except Exception as err:  # MLflow down longer than its client retries: keep training, say so
-            print(f"[{self.spec.adapter_name}] warning: could not log metrics to MLflow: {err}", flush=True)
+        while True:
+            with self._changed:
+                while not self._queue:
+                    self._changed.wait()
+                batches, size = [], 0  # what queued up meanwhile goes in one request (MLflow takes 1,000 metrics)
+                for batch in self._queue:
+                    if batches and size + len(batch[2]) > 1000:
+                        break
+                    batches.append(batch)
+                    size += len(batch[2])
+            try:
+                self._tracker.log_steps(self.run_id, batches)
+            except TrackingUnavailable as err:  # still down after the retry budget: keep the batches, keep trying
+                print(f"[{self.spec.adapter_name}] warning: {err}; {len(self._queue)} metric batches queued",
+                      flush=True)  # fmt: skip
+                time.sleep(1.0)
+                continue
+            except Exception as err:  # a real error (the run deleted, a bad value): drop these batches, say so
+                if is_transient(err):
+                    time.sleep(1.0)
+                    continue
+                steps = f"{batches[0][0]}-{batches[-1][0]}"
+                print(f"[{self.spec.adapter_name}] warning: MLflow refused the metrics of steps {steps}: {err}",
+                      flush=True)  # fmt: skip
+            with self._changed:
+                for _ in batches:
+                    self._queue.popleft()
+                self._changed.notify_all()
 
     def checkpoint(self, step: int, folder: Path | None, metrics: dict[str, float]) -> None:
         import ray.train

@@ -5,6 +5,14 @@ whose run is done and resumes the others — no duplicate runs or registrations.
 hyperparameter as a param; base model, task, dataset hash and git commit as tags; step metrics from the training
 worker; final base-vs-adapter scores; the adapter files as artifacts; and a version of the registered model
 `<prefix><task>` whose alias `champion` points at the best version by the task metric.
+
+An MLflow server that restarts mid-sweep costs time, not data: every client call is retried with backoff while
+the server is unreachable (connection refused or reset, timeouts, 5xx), for up to `$LORAFLEET_MLFLOW_RETRY_S`
+seconds (default 180) from the first failure, then `TrackingUnavailable` says which call gave up. That is on top of
+MLflow's own urllib3 retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, default 7 with backoff 0, 4, 8 ... 120 s, about
+4 minutes per call). Those retries also re-send POSTs whose reply was lost, so the creating calls are made
+idempotent here: a duplicated run (same parent and adapter tags) or model version (same run) is deleted again,
+keeping the oldest; re-sent metrics carry their original timestamp and step, which the server deduplicates.
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +35,99 @@ TAG_DONE = "lorafleet.done"
 TAG_VERSION = "lorafleet.registered_version"
 CHAMPION = "champion"
 ADAPTER_ARTIFACT = "adapter"
+RETRY_ENV = "LORAFLEET_MLFLOW_RETRY_S"
+DEFAULT_RETRY_S = 180.0
+_MAX_BACKOFF_S = 10.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow stayed unreachable for longer than the retry budget."""
+
+
+def retry_seconds() -> float:
+    """How long a tracking call keeps retrying an unreachable MLflow ($LORAFLEET_MLFLOW_RETRY_S, default 180)."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        return DEFAULT_RETRY_S
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for failures that a restarted or briefly overloaded server explains: no connection, a reset or timed
+    out one, 5xx/429 answers (MLflow wraps those as "API request to ... failed with ..." once its own retries are
+    spent). A 4xx answer (bad parameter, missing run, already exists) is a real error and is not retried."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, requests.HTTPError):
+        status = err.response.status_code if err.response is not None else 0
+        return status >= 500 or status in (408, 429)
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, MlflowException):
+        if err.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        return str(err.message).startswith("API request to ") and " failed with " in str(err.message)
+    return False
+
+
+def _unique_violation(err: BaseException) -> bool:
+    """The server lost a race between two writers of the same row (sqlite, PostgreSQL and MySQL wordings)."""
+    text = str(err)
+    return any(m in text for m in ("IntegrityError", "UNIQUE constraint", "UniqueViolation", "Duplicate entry"))
+
+
+def _short(err: BaseException, head: int = 150, tail: int = 150) -> str:
+    """The error on one line; a long one keeps its start (the call) and its end (the cause: refused, reset ...)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
+
+
+def call_with_retry(what: str, fn: Callable[..., Any], *args: Any, retry_s: float | None = None, uri: str = "",
+                    **kwargs: Any) -> Any:  # fmt: skip
+    """`fn(*args, **kwargs)`, retried with backoff (1 s doubling to 10 s) while it fails transiently, for up to
+    `retry_s` seconds from the first failure; then TrackingUnavailable naming `what`. Other errors propagate."""
+    budget = retry_seconds() if retry_s is None else retry_s
+    deadline, delay, failures, where = 0.0, 1.0, 0, f" {uri}" if uri else ""
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            now = time.monotonic()
+            if failures == 0:
+                deadline = now + budget
+                print(f"MLflow{where} unreachable during {what} ({_short(err)}); retrying for up to {budget:.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            failures += 1
+            if now >= deadline:
+                raise TrackingUnavailable(f"MLflow{where} did not answer for {budget:.0f} s ({failures} attempts) "
+                                          f"during {what}; giving up: {_short(err)}") from err  # fmt: skip
+            time.sleep(min(delay, max(deadline - now, 0.0)))
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+            continue
+        if failures:
+            print(f"MLflow{where} answers again: {what} done after {failures} failed attempts", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        return result
+
+
+class RetryingClient:
+    """An MlflowClient whose every method call goes through `call_with_retry` (`.raw` is the plain client)."""
+
+    def __init__(self, client: Any, uri: str, retry_s: float | None = None) -> None:
+        self.raw, self._uri, self._retry_s = client, uri, retry_s
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.raw, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return call_with_retry(name, method, *args, retry_s=self._retry_s, uri=self._uri, **kwargs)
+
+        return call
 
 
 def git_commit() -> str:
@@ -47,49 +150,87 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 
 class SweepTracker:
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, retry_s: float | None = None) -> None:
+        """No request is made here: the experiment is looked up (or created) on first use."""
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment = experiment
+        self.client: Any = RetryingClient(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri),
+                                          tracking_uri, retry_s)  # fmt: skip
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(self.experiment)
+                except MlflowException as err:  # a create re-sent after a lost reply, or another sweep's
+                    if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                        raise
+                    found = self.client.get_experiment_by_name(self.experiment)
+            if self._experiment_id is None:
+                self._experiment_id = found.experiment_id
+        return self._experiment_id
+
+    def _find_all(self, filters: list[str]) -> list[Any]:
+        """Active runs matching `filters`, oldest first (start time, then run id: the same order everywhere)."""
+        runs = self.client.search_runs([self.experiment_id], " and ".join(filters), max_results=100)
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
     def _find(self, filters: list[str]) -> Any | None:
-        runs = self.client.search_runs([self.experiment_id], " and ".join(filters), max_results=1,
-                                       order_by=["attributes.start_time DESC"])  # fmt: skip
+        runs = self._find_all(filters)
         return runs[0] if runs else None
+
+    def _create_once(self, filters: list[str], create: Callable[[], Any]) -> str:
+        """Create a run that `filters` must find exactly once. A create re-sent after its reply was lost (MLflow's
+        retries, or ours) can make two: keep the oldest, delete the rest."""
+        created = create().info.run_id
+        runs = self._find_all(filters)
+        if not runs:  # not visible yet: trust the one we got
+            return created
+        for extra in runs[1:]:
+            print(f"deleting duplicate MLflow run {extra.info.run_id} (a re-sent create) of {runs[0].info.run_id}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            self.client.delete_run(extra.info.run_id)
+        return runs[0].info.run_id
 
     # -- runs -----------------------------------------------------------------------------------------------------
     def parent_run(self, config: SweepConfig) -> str:
         config_hash = _hash(config.model_dump(mode="json"))
-        run = self._find([f"tags.`{TAG_SWEEP}` = '{config.name}'", f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}'",
-                          "tags.`mlflow.parentRunId` IS NULL"])  # fmt: skip
+        filters = [f"tags.`{TAG_SWEEP}` = '{config.name}'", f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}'",
+                   "tags.`mlflow.parentRunId` IS NULL"]  # fmt: skip
+        run = self._find(filters)
         if run is not None:
             self.client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=config.name,
-                                     tags={TAG_SWEEP: config.name, TAG_CONFIG_HASH: config_hash,
-                                           "git_commit": git_commit(), "base_model": config.base_model})  # fmt: skip
+        tags = {TAG_SWEEP: config.name, TAG_CONFIG_HASH: config_hash, "git_commit": git_commit(),
+                "base_model": config.base_model}  # fmt: skip
+        run_id = self._create_once(filters, lambda: self.client.create_run(self.experiment_id, run_name=config.name,
+                                                                           tags=tags))  # fmt: skip
         params = flatten("", config.model_dump(mode="json", exclude={"grid", "data"}), {})
         params["grid"] = json.dumps(config.grid, sort_keys=True)
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
+        self._log_params(run_id, params)
+        return run_id
 
     def child_run(self, parent_id: str, spec: TrialSpec, dataset_hash: str) -> tuple[str, bool]:
         """(run id, already done) for this adapter under the parent; created if missing."""
-        run = self._find(
-            [f"tags.`mlflow.parentRunId` = '{parent_id}'", f"tags.`{TAG_ADAPTER}` = '{spec.adapter_name}'"]
-        )
+        filters = [f"tags.`mlflow.parentRunId` = '{parent_id}'", f"tags.`{TAG_ADAPTER}` = '{spec.adapter_name}'"]
+        run = self._find(filters)
         if run is not None:
             return run.info.run_id, run.data.tags.get(TAG_DONE) == "true"
         tags = {"mlflow.parentRunId": parent_id, TAG_SWEEP: spec.sweep, TAG_ADAPTER: spec.adapter_name,
                 "base_model": spec.base_model, "task": spec.task, "dataset_hash": dataset_hash,
                 "git_commit": git_commit(), "point_id": spec.point_id}  # fmt: skip
-        run = self.client.create_run(self.experiment_id, run_name=spec.adapter_name, tags=tags)
+        run_id = self._create_once(filters, lambda: self.client.create_run(self.experiment_id,
+                                                                           run_name=spec.adapter_name, tags=tags))  # fmt: skip
         params = flatten("", spec.model_dump(mode="json", exclude={"point", "sweep"}), {})
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id, False
+        self._log_params(run_id, params)
+        return run_id, False
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -98,11 +239,20 @@ class SweepTracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+    def log_metrics(self, run_id: str, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
+        """One batch at one step. Pass the time the values were measured when re-sending a delayed batch: a batch
+        re-sent with the same timestamp is deduplicated by the server (its rows' key includes it)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_steps(self, run_id: str, batches: list[tuple[int, int, dict[str, float]]]) -> None:
+        """Several (step, timestamp ms, metrics) batches in one request (at most 1,000 metrics in all)."""
+        from mlflow.entities import Metric
+
+        items = [Metric(k, float(v), ts, step) for step, ts, metrics in batches for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items)
 
     # -- the end of an adapter's training -----------------------------------------------------------------------
     def finish_child(self, run_id: str, spec: TrialSpec, outcome: dict[str, Any], adapter_dir: Path,
@@ -129,28 +279,59 @@ class SweepTracker:
         try:
             self.client.create_registered_model(name, tags={"task": spec.task, "metric": metric_name},
                                                 description=f"lorafleet LoRA adapters for task {spec.task}")  # fmt: skip
-        except MlflowException as err:
-            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+        except MlflowException as err:  # exists (or another trial of the task is creating it right now)
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code) and not _unique_violation(err):
                 raise
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{ADAPTER_ARTIFACT}"
-        tags = {"base_model": spec.base_model, "task": spec.task, "metric": metric_name, "sweep": spec.sweep,
-                "adapter_name": spec.adapter_name, "point_id": spec.point_id,
-                "adapter_score": f"{outcome['adapter_score']:.4f}", "base_score": f"{outcome['base_score']:.4f}",
-                "lora_r": str(spec.lora.r)}  # fmt: skip
-        version = self.client.create_model_version(name, source, run_id=run_id, tags=tags).version
-        self.client.set_tag(run_id, TAG_VERSION, str(version))
+        version = self._version_of_run(name, run_id)  # created before, its tag not set (a finish cut short)
+        if version is None:
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{ADAPTER_ARTIFACT}"
+            tags = {"base_model": spec.base_model, "task": spec.task, "metric": metric_name, "sweep": spec.sweep,
+                    "adapter_name": spec.adapter_name, "point_id": spec.point_id,
+                    "adapter_score": f"{outcome['adapter_score']:.4f}", "base_score": f"{outcome['base_score']:.4f}",
+                    "lora_r": str(spec.lora.r)}  # fmt: skip
+            created = str(self.client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+            version = self._version_of_run(name, run_id) or created
+        self.client.set_tag(run_id, TAG_VERSION, version)
         self.update_champion(name)
-        return str(version)
+        return version
+
+    def _version_of_run(self, name: str, run_id: str) -> str | None:
+        """The (lowest) version of `name` made from this run; duplicates from a re-sent create are deleted."""
+        versions = sorted(self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
+                          key=lambda v: int(v.version))  # fmt: skip
+        for extra in versions[1:]:
+            print(f"deleting duplicate version {extra.version} (a re-sent create) of {name} version "
+                  f"{versions[0].version}", file=sys.stderr, flush=True)  # fmt: skip
+            self.client.delete_model_version(name, extra.version)
+        return str(versions[0].version) if versions else None
 
     def update_champion(self, name: str) -> str | None:
-        """Point alias `champion` at the version with the best adapter score (ties: the newest)."""
+        """Point alias `champion` at the version with the best adapter score (ties: the newest).
+
+        Trials of one task can finish together (after an MLflow outage, for one). The server sets an alias by
+        select-then-insert, so two at once can fail with a unique-constraint error, and a writer that read the
+        versions before another's registration can overwrite a better choice: so read, set, read again until the
+        alias is the best of what the second read sees (bounded)."""
+        best = None
+        for attempt in range(6):
+            best = self._best_version(name)
+            if best is None:
+                return None
+            try:
+                self.client.set_registered_model_alias(name, CHAMPION, best)
+            except Exception as err:  # a RestException from a server, sqlalchemy's own error from a local store
+                if not _unique_violation(err):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            if self._best_version(name) == best:
+                return best
+        return best
+
+    def _best_version(self, name: str) -> str | None:
         versions = self.client.search_model_versions(f"name='{name}'")
         scored = [(float(v.tags["adapter_score"]), int(v.version)) for v in versions if "adapter_score" in v.tags]
-        if not scored:
-            return None
-        best = str(max(scored)[1])
-        self.client.set_registered_model_alias(name, CHAMPION, best)
-        return best
+        return str(max(scored)[1]) if scored else None
 
     def finish_parent(self, parent_id: str, summary_rows: list[dict[str, Any]], chart: Path | None) -> None:
         self.client.log_text(parent_id, json.dumps(summary_rows, indent=2), "summary.json")

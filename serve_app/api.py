@@ -106,6 +106,17 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
             raise ApiError(first["status"], first["message"], first.get("param"), first.get("code"))
         return events, first
 
+    async def complete(payload: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+        """`start` + `collect` for answers sent whole: a generation whose model replica died midway (the backend's
+        `replica_unavailable` 503) is run once more, since the client has seen nothing of it yet."""
+        for attempt in range(2):
+            try:
+                return await collect((await start(payload, model))[0])
+            except ApiError as err:
+                if err.code != "replica_unavailable" or attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def collect(events: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         parts: list[str] = []
         async for event in events:
@@ -167,24 +178,24 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         payload = {"kind": "chat", "messages": body.chat(), **sampling(body)}
-        events, first = await start(payload, body.model)
         rid = fmt.new_id("chatcmpl")
         if body.stream:
+            events, _ = await start(payload, body.model)
             return StreamingResponse(openai_stream(events, rid, body.model, True, body.include_usage),
                                      media_type="text/event-stream")  # fmt: skip
-        text, end = await collect(events)
+        text, end = await complete(payload, body.model)
         return fmt.chat_completion(rid, body.model, text, end["finish_reason"], end["prompt_tokens"],
                                    end["completion_tokens"])  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         payload = {"kind": "text", "prompt": body.text(), **sampling(body)}
-        events, first = await start(payload, body.model)
         rid = fmt.new_id("cmpl")
         if body.stream:
+            events, _ = await start(payload, body.model)
             return StreamingResponse(openai_stream(events, rid, body.model, False, body.include_usage),
                                      media_type="text/event-stream")  # fmt: skip
-        text, end = await collect(events)
+        text, end = await complete(payload, body.model)
         return fmt.text_completion(rid, body.model, text, end["finish_reason"], end["prompt_tokens"],
                                    end["completion_tokens"])  # fmt: skip
 
@@ -195,19 +206,24 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
                    "top_p": p.top_p or 1.0, "stop": list(p.stop), "seed": p.seed}  # fmt: skip
         return payload, p.adapter_id or base_name
 
+    def lorax_error(err: ApiError) -> ApiError:
+        """Errors naming LoRAX's fields (`parameters.adapter_id`, `max_new_tokens`), not OpenAI's."""
+        err.param = _LORAX_PARAMS.get(err.param or "", err.param)
+        err.message = err.message.replace("max_tokens", "max_new_tokens")
+        return err
+
     async def lorax_start(body: LoraxRequest) -> AsyncIterator[dict[str, Any]]:
-        """`start`, with errors naming LoRAX's fields (`parameters.adapter_id`, `max_new_tokens`), not OpenAI's."""
         try:
             return (await start(*lorax_payload(body)))[0]
         except ApiError as err:
-            err.param = _LORAX_PARAMS.get(err.param or "", err.param)
-            err.message = err.message.replace("max_tokens", "max_new_tokens")
-            raise
+            raise lorax_error(err) from None
 
     @app.post("/generate")
     async def generate(body: LoraxRequest) -> Any:
-        events = await lorax_start(body)
-        text, end = await collect(events)
+        try:
+            text, end = await complete(*lorax_payload(body))
+        except ApiError as err:
+            raise lorax_error(err) from None
         result: dict[str, Any] = {"generated_text": (body.inputs + text) if body.parameters.return_full_text else text}
         if body.parameters.details:
             result["details"] = fmt.lorax_details(end, body.parameters.seed)

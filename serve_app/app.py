@@ -24,6 +24,7 @@ from serve_app.api import create_api
 from serve_app.app_config import ServeAppConfig
 
 log = logging.getLogger(__name__)
+serve_log = logging.getLogger("ray.serve")  # lands in the replica's own log file (logs/serve/replica_*.log)
 
 
 class _AdapterHandle:
@@ -76,13 +77,59 @@ class LoraModel:
             raise RuntimeError("engine loop thread died")
 
 
+REPLICA_GONE = "replica_unavailable"  # error code of a generation cut short by its replica's death
+
+
+def _replica_gone(err: BaseException) -> bool:
+    """The model replica died (SIGKILL, out of memory, node lost) or cannot be reached: Ray's actor errors, or a
+    transport error of Serve's gRPC channel to it (the replica's own exceptions arrive as RayTaskErrors)."""
+    import grpc
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(err, (RayActorError, grpc.aio.AioRpcError)):
+        return True
+    return isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), RayActorError)
+
+
 class _RayBackend:
+    """Calls LoraModel through its handle. Serve itself re-routes a request whose replica is found dead before it
+    accepted the request; one already running there fails with the replica. Such a request is sent again (to
+    another replica) when nothing of it has reached the client yet: the `start` event is held back until the
+    first text. After text has gone out it cannot be replayed: the stream ends with a 503 error event (code
+    `replica_unavailable`), which the API answers as a retryable 503 or, for answers sent whole, generates again."""
+
+    retries = 2
+
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    def stream(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]:
         options = {"stream": True, "multiplexed_model_id": adapter_id or ""}
-        return self.handle.options(**options).generate.remote(payload, adapter_id)
+        for attempt in range(self.retries + 1):
+            held: dict[str, Any] | None = None
+            forwarded = False
+            try:
+                async for event in self.handle.options(**options).generate.remote(payload, adapter_id):
+                    if event["type"] == "start" and not forwarded:
+                        held = event
+                        continue
+                    if held is not None:
+                        yield held
+                        held = None
+                    forwarded = True
+                    yield event
+                if held is not None:
+                    yield held
+                return
+            except Exception as err:
+                if not _replica_gone(err):
+                    raise
+                serve_log.warning("model replica gone during a request (attempt %d, text sent: %s): %s", attempt + 1,
+                            forwarded, str(err).splitlines()[0] if str(err) else type(err).__name__)  # fmt: skip
+                if forwarded or attempt == self.retries:
+                    yield {"type": "error", "status": 503, "param": None, "code": REPLICA_GONE,
+                           "message": "the model replica serving this request stopped; retry the request"}  # fmt: skip
+                    return
 
 
 @serve.deployment(max_ongoing_requests=512)

@@ -117,3 +117,9 @@ def metric_totals(url: str, name: str, by: tuple[str, ...], **where: str) -> dic
             key = tuple(labels.get(k, "") for k in by)
             totals[key] = totals.get(key, 0.0) + float(match.group(2))
     return totals
+
+
+def replica_details(stack: StackInfo, app: str, deployment: str) -> list[dict[str, Any]]:
+    """The replicas of one deployment as `serve status` reports them (replica_id, state, pid, actor_name, ...)."""
+    details = ((serve_status(stack).get("applications") or {}).get(app) or {}).get("deployments") or {}
+    return list((details.get(deployment) or {}).get("replicas", []))
