@@ -14,12 +14,15 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
     reads and copies rows x adapter size. With the slot bank's `storage` the copy is one `index_select` for every
     layer at once, made when the plan is first used; the next plan takes the buffer over and re-copies only the
     rows whose slot changed (continuous batching changes rows only when a request joins or leaves);
+  - `native`:  CPU float32 over the slot bank: the C kernel in `native_lora` does shrink and every expand of a
+    projection group for all rows in one call, reading each row's adapter in place (PyTorch's CPU `bmm` costs
+    about 1 us per matrix, which dominates these tiny per-row matmuls). `auto` picks it whenever it can run;
   - `grouped`: rows scattered into an [adapters, m, in] block (m = most rows of one adapter) and one `bmm` per
     matrix straight over the slot tensors, no weight copy: every adapter is read once per step however many rows
     use it, and its deltas are added back with `index_add_`. A few more operations than `gather`, half or less of
     its memory traffic as soon as rows share adapters; and no per-row copies, which for big adapters would not
     stay cheap. Unless the batch is so skewed that padding every adapter to m rows multiplies mostly zeros.
-`choose_mode` picks between the two; `EngineConfig.lora_kernel` can force one.
+`choose_mode` picks between gather and grouped; `EngineConfig.lora_kernel` can force any of the three.
 `shrink_reference` / `expand_reference` are the float64-checkable oracle for every path.
 
     python -m adapters.batched_lora        # self-check: every path against the per-row reference
@@ -32,8 +35,10 @@ from typing import Any, Literal
 
 import torch
 
-Mode = Literal["none", "single", "gather", "grouped"]
-Kernel = Literal["auto", "gather", "grouped"]
+from adapters import native_lora
+
+Mode = Literal["none", "single", "gather", "grouped", "native"]
+Kernel = Literal["auto", "native", "gather", "grouped"]
 # `auto` groups when rows share adapters (at least this many adapter rows per distinct adapter) ...
 GROUP_WHEN_ROWS_PER_ADAPTER = 1.5
 # ... or when the per-row weight copies of a gather would exceed this size,
@@ -110,6 +115,11 @@ class LoraBatch:
                 slot_bytes = storage.shape[1] * storage.element_size() if storage is not None else None
                 adapter_rows = self.rows - counts.get(0, 0)
                 self.mode = choose_mode(self.rows, adapter_rows, len(self.distinct), self._span * self._m, slot_bytes)
+                if _native_runs(kernel, idx, storage):
+                    self._torch_mode: Mode = self.mode  # what a fallback (unsupported tensors, autograd) uses
+                    self.mode = "native"
+                    self._native = native_lora.RowOrder(slots)
+                    self._fallback_plan: LoraBatch | None = None
             if self.mode == "grouped":
                 self._grouped_positions(slots)
         if self.mode != "gather":
@@ -118,6 +128,12 @@ class LoraBatch:
     @property
     def active(self) -> bool:
         return self.mode != "none"
+
+    def _fallback(self) -> LoraBatch:
+        """native mode: the PyTorch plan for the same rows (tensors the kernel cannot take; autograd)."""
+        if self._fallback_plan is None:
+            self._fallback_plan = LoraBatch(self.idx, self._storage, self._torch_mode, self._cache_gathers)
+        return self._fallback_plan
 
     def _slot_t(self, weights: torch.Tensor) -> torch.Tensor:
         """single: weights[slot].T (a cached view; contiguous for the slot bank's tensors)."""
@@ -229,6 +245,8 @@ class LoraBatch:
     # -- the operator --------------------------------------------------------------------------------------------
     def shrink(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x [N, in], a [S, R, in] -> h [N, R]."""
+        if self.mode == "native":
+            return self._fallback().shrink(x, a)
         if self.mode == "single":
             return x @ a[self.slot].T
         if self.mode == "grouped":
@@ -239,6 +257,8 @@ class LoraBatch:
 
     def expand_add(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y [N, out] += h [N, r] @ b[idx].T; returns y."""
+        if self.mode == "native":
+            return self._fallback().expand_add(y, h, b)
         if self.mode == "single":
             return y.addmm_(h, b[self.slot].T)
         if self.mode == "grouped":
@@ -252,7 +272,10 @@ class LoraBatch:
     ) -> None:
         """Shrink once for every projection that shares input `x`, then expand into each output in place."""
         mode = self.mode
-        if mode == "gather":  # [N, 1, R] kept 3-d end to end: no squeeze/unsqueeze per projection
+        if mode == "native":
+            if not self._native.apply(x, a, outputs, rank):  # tensors the kernel cannot take: the PyTorch plan
+                self._fallback().apply(x, a, outputs, rank)
+        elif mode == "gather":  # [N, 1, R] kept 3-d end to end: no squeeze/unsqueeze per projection
             h = torch.bmm(x.unsqueeze(1), self._rows_t(a))
             for i, (y, b) in enumerate(outputs):
                 y.unsqueeze(1).baddbmm_(h[:, :, i * rank : (i + 1) * rank], self._rows_t(b))
@@ -271,6 +294,8 @@ class LoraBatch:
         `a` [S, r, in], `b` [S, out, r] may be views of a trainable tensor."""
         if self.mode == "none":
             return x.new_zeros(x.shape[0], b.shape[1])
+        if self.mode == "native":
+            return self._fallback().delta(x, a, b)
         if self.mode == "single":
             return (x @ a[self.slot].T) @ b[self.slot].T
         if self.mode == "gather":
@@ -290,6 +315,17 @@ class LoraBatch:
         self._gathered.clear()
         self._rows_flat = self._rows_buffer = self._previous = None
         self._buffers.clear()
+        if self.mode == "native" and self._fallback_plan is not None:
+            self._fallback_plan.release()
+
+
+def _native_runs(kernel: str, idx: torch.Tensor, storage: torch.Tensor | None) -> bool:
+    """`native` asked for (or `auto` over a float32 slot bank), on CPU, and the kernel built."""
+    if kernel not in ("auto", "native") or idx.device.type != "cpu":
+        return False
+    if storage is None:
+        return kernel == "native" and native_lora.available()
+    return storage.dtype == torch.float32 and storage.device.type == "cpu" and native_lora.available()
 
 
 def apply_lora(
@@ -318,7 +354,7 @@ def _self_check(seed: int = 0) -> dict[str, Any]:
     x = torch.randn(rows, fan_in, generator=gen, dtype=torch.float64)
     errors = {}
     mixed = torch.randint(0, slots, (rows,), generator=gen)
-    for name, idx, kernel in [("gather", mixed, "gather"), ("grouped", mixed, "grouped"),
+    for name, idx, kernel in [("gather", mixed, "gather"), ("grouped", mixed, "grouped"), ("native", mixed, "native"),
                               ("single", torch.full((rows,), 3), "auto"),
                               ("none", torch.zeros(rows, dtype=torch.long), "auto")]:  # fmt: skip
         want = expand_reference(shrink_reference(x, a, idx), b, idx)

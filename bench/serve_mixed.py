@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-chunk", type=int, default=256, help="engine prompt tokens per step")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--kernel", default="auto", choices=["auto", "gather", "grouped"],
+    parser.add_argument("--kernel", default="auto", choices=["auto", "native", "gather", "grouped"],
                         help="the engine's mixed-adapter LoRA path (adapters/batched_lora.py)")  # fmt: skip
     parser.add_argument("--no-hf-base", action="store_true", help="skip the plain HF generate reference case")
     parser.add_argument("--json", type=Path, help="also write every sample and the summary here")

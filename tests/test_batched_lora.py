@@ -138,9 +138,11 @@ def test_slot_bank_tensors_are_views_of_one_slot_major_storage() -> None:
     assert not bank.storage[0].any()
 
 
-def test_auto_picks_gather_for_small_adapters_and_grouped_for_big_ones() -> None:
+def test_auto_picks_gather_for_small_adapters_and_grouped_for_big_ones(monkeypatch) -> None:
+    from adapters import native_lora
     from adapters.batched_lora import GATHER_BUDGET_BYTES, choose_mode
 
+    monkeypatch.setattr(native_lora, "available", lambda: False)  # the choice between the PyTorch paths
     big = GATHER_BUDGET_BYTES  # one adapter as big as the whole gather budget
     assert choose_mode(64, 64, 64, 64, None) == "gather"  # one row per adapter: the gather does less work
     assert choose_mode(64, 64, 64, 64, 1024) == "gather"

@@ -36,7 +36,7 @@ def _engine(base, dirs: dict[str, Path], **config) -> LoraEngine:
     return engine
 
 
-@pytest.mark.parametrize("kernel", ["auto", "grouped"])  # auto = gather on the tiny model
+@pytest.mark.parametrize("kernel", ["auto", "gather", "grouped"])  # auto = the native C kernel on CPU (if built)
 def test_mixed_batch_equals_peft_token_for_token(tiny_base, adapter_dirs, kernel: str) -> None:
     names = [None, *ADAPTERS]
     requests = [(chat_ids(tiny_base.tokenizer, p), names[(i + j) % len(names)])

@@ -27,6 +27,8 @@ class EngineConfig(BaseModel):
     starvation_s: float = Field(
         2.0, ge=0, description="an adapter waiting longer than this for a slot stops new admissions of running ones"
     )
-    lora_kernel: Literal["auto", "gather", "grouped", "triton"] = Field(
-        "auto", description="mixed-adapter LoRA path (adapters/batched_lora.py); auto picks by size, triton = auto"
+    lora_kernel: Literal["auto", "native", "gather", "grouped", "triton"] = Field(
+        "auto",
+        description="mixed-adapter LoRA path (adapters/batched_lora.py): auto = the native C kernel on CPU float32 "
+        "when it builds, else gather/grouped by size; native requires the kernel; triton = auto",
     )

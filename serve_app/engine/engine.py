@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from adapters import native_lora
 from adapters.base_models import LoadedBase, QuantizationConfig, load_base, torch_dtype
 from adapters.batched_lora import LoraBatch
 from adapters.lora_files import BaseShapes, LoraWeights, read_lora
@@ -79,6 +80,11 @@ class LoraEngine:
         self.kv = KVCache(mc.num_hidden_layers, config.max_running, mc.num_key_value_heads, self.max_seq_len,
                           head_dim, dtype, self.device)  # fmt: skip
         self.bank = LoraSlotBank(self.shapes, config.max_loras, config.max_lora_rank, dtype, self.device)
+        self.lora_kernel = "auto" if config.lora_kernel == "triton" else config.lora_kernel
+        if self.lora_kernel == "native":
+            native_lora.require(self.device, dtype)
+        elif self.lora_kernel == "auto" and self.device.type == "cpu" and dtype == torch.float32:
+            native_lora.available()  # build the CPU kernel now (about a second, cached), not in a request
         self.runner = ModelRunner(model, self.kv, self.bank)
         self.scheduler = Scheduler(config.max_loras, config.starvation_s)
         self.adapters: dict[str, LoraWeights] = {}
@@ -250,7 +256,7 @@ class LoraEngine:
                 self._single_plans[slots[0]] = plan
             return plan
         idx = torch.tensor(slots, device=self.device)
-        return LoraBatch(idx, self.bank.storage, self.config.lora_kernel, previous=previous)
+        return LoraBatch(idx, self.bank.storage, self.lora_kernel, previous=previous)
 
     def _prefill_chunk(self, seq: Sequence, budget: int, outputs: list[TokenOutput], finished: list[Sequence]) -> int:
         """Prefill up to `budget` more prompt tokens of `seq`; return how many were processed."""

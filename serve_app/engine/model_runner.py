@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from adapters.batched_lora import LoraBatch, apply_lora
-from adapters.slot_bank import LoraSlotBank
+from adapters.batched_lora import LoraBatch
+from adapters.slot_bank import GROUPS, LoraSlotBank
 from serve_app.engine.kv_cache import KVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -48,15 +48,24 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.vocab_size = config.vocab_size
+        # per layer and projection group: (A, [B of each output]) views of the slot bank, made once
+        self._lora_views = [{g: (bank.a[g][i], [bank.b[p][i] for p in projs]) for g, projs in GROUPS.items()}
+                            for i in range(len(self.layers))]  # fmt: skip
 
     # -- one decoder layer, shared by decode and prefill -----------------------------------------------------
+    def _lora(self, lora: LoraBatch | None, index: int, group: str, x: torch.Tensor, *ys: torch.Tensor) -> None:
+        """ys += the rows' LoRA deltas of projection group `group` of layer `index` (input x)."""
+        if lora is None or not lora.active:
+            return
+        a, bs = self._lora_views[index][group]
+        lora.apply(x, a, list(zip(ys, bs, strict=True)), self.bank.rank)
+
     def _layer(self, index: int, h: torch.Tensor, cos_sin: tuple, attend, lora: LoraBatch | None) -> torch.Tensor:
         layer = self.layers[index]
-        attn, mlp, bank, r = layer.self_attn, layer.mlp, self.bank, self.bank.rank
+        attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(h)
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        apply_lora(lora, x, bank.a["qkv"][index], [(q, bank.b["q_proj"][index]), (k, bank.b["k_proj"][index]),
-                                                   (v, bank.b["v_proj"][index])], r)  # fmt: skip
+        self._lora(lora, index, "qkv", x, q, k, v)
         n = h.shape[0]
         q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
         k = k.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
@@ -64,15 +73,14 @@ class ModelRunner:
         v = v.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         out = attend(index, q, k, v)  # [n, H * d]
         o = attn.o_proj(out)
-        apply_lora(lora, out, bank.a["o"][index], [(o, bank.b["o_proj"][index])], r)
+        self._lora(lora, index, "o", out, o)
         h = h + o
         x = layer.post_attention_layernorm(h)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        apply_lora(lora, x, bank.a["gate_up"][index], [(gate, bank.b["gate_proj"][index]),
-                                                       (up, bank.b["up_proj"][index])], r)  # fmt: skip
+        self._lora(lora, index, "gate_up", x, gate, up)
         act = mlp.act_fn(gate) * up
         down = mlp.down_proj(act)
-        apply_lora(lora, act, bank.a["down"][index], [(down, bank.b["down_proj"][index])], r)
+        self._lora(lora, index, "down", act, down)
         return h + down
 
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,156 @@
+/* Batched LoRA for CPU: one call applies shrink + expand for every row of a batch, each row with its own adapter
+ * slot (punica's BGMV, written for a CPU core). Built and loaded by adapters/native_lora.py (plain C, no Python or
+ * torch headers, so it compiles in about a second); see that file for the layout it reads.
+ *
+ * For rows t = 0..n-1 (rows[t] = the row of x/y, slots[t] = its adapter slot, sorted so equal slots are adjacent):
+ *     h          = x[row] @ At[slot]                    At: [in, R] row-major, R = k * r
+ *     y_j[row]  += h[j*r : (j+1)*r] @ Bt_j[slot]        Bt_j: [r, out_j] row-major, j = 0..k-1
+ * Both halves are the same small product out[u] (+)= in[u] @ W for a run of up to TILE rows u that share a slot:
+ * the accumulators for a block of output columns of every row of the run stay in registers while the loop walks
+ * W's rows, so each weight is loaded once per run, not once per row. Rows not listed (slot 0 = no adapter) are not touched.
+ *
+ *     cc -O3 -march=native -shared -fPIC -o bgmv_cpu.so bgmv_cpu.c
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 4
+#define MAX_OUTPUTS 3
+#define MAX_R 1024
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2 /* distinct slots whose weights are being fetched while one computes */
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT 3
+#endif
+
+typedef float v8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, unaligned loads and stores */
+
+typedef struct {
+    float *y;               /* [N, out] output rows, updated in place */
+    int64_t y_row_stride;   /* elements between rows of y (columns contiguous) */
+    const float *b;         /* slot 0's Bt */
+    int64_t b_slot_stride;  /* elements between slots */
+    int64_t b_row_stride;   /* elements between rows of one slot's Bt [r, out] */
+    int64_t out;
+} lf_output;
+
+/* Columns c..c+8*NV of out[u] (+)= in[u] @ w for u < M: the M*NV accumulators stay in registers (M and NV are
+ * compile-time constants, so the loops unroll) while the loop walks w's rows; each weight is loaded once for the
+ * whole run of rows. */
+#define DEFINE_BLOCK(M, NV)                                                                                     \
+    static inline void block_##M##_##NV(const float *const *in, int64_t depth, const float *w,                \
+                                        int64_t w_stride, float *const *out, int64_t c, int accumulate) {     \
+        v8 acc[M][NV];                                                                                          \
+        const float *x[M];                                                                                      \
+        for (int u = 0; u < M; u++) {                                                                           \
+            x[u] = in[u];                                                                                       \
+            for (int v = 0; v < NV; v++) acc[u][v] = accumulate ? *(const v8 *)(out[u] + c + 8 * v) : (v8){0}; \
+        }                                                                                                       \
+        for (int64_t i = 0; i < depth; i++) {                                                                   \
+            const float *wi = w + i * w_stride + c;                                                             \
+            v8 wv[NV];                                                                                          \
+            for (int v = 0; v < NV; v++) wv[v] = *(const v8 *)(wi + 8 * v);                                     \
+            for (int u = 0; u < M; u++) {                                                                       \
+                const float s = x[u][i];                                                                        \
+                for (int v = 0; v < NV; v++) acc[u][v] += s * wv[v];                                            \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int u = 0; u < M; u++)                                                                             \
+            for (int v = 0; v < NV; v++) *(v8 *)(out[u] + c + 8 * v) = acc[u][v];                              \
+    }
+#define DEFINE_BLOCKS(M) DEFINE_BLOCK(M, 1) DEFINE_BLOCK(M, 2) DEFINE_BLOCK(M, 4)
+DEFINE_BLOCKS(1)
+DEFINE_BLOCKS(2)
+DEFINE_BLOCKS(3)
+DEFINE_BLOCKS(4)
+
+typedef void (*block_fn)(const float *const *, int64_t, const float *, int64_t, float *const *, int64_t, int);
+static const block_fn BLOCKS[TILE + 1][3] = {
+    {0, 0, 0},
+    {block_1_1, block_1_2, block_1_4},
+    {block_2_1, block_2_2, block_2_4},
+    {block_3_1, block_3_2, block_3_4},
+    {block_4_1, block_4_2, block_4_4},
+};
+
+/* out[u][c] = (accumulate ? out[u][c] : 0) + sum_i in[u][i] * w[i * w_stride + c], for u < m, c < cols.
+ * Blocks of 32 columns for runs of 1-2 rows, 16 for longer runs (enough independent accumulators to hide the
+ * FMA latency, few enough to stay in the 16 vector registers), then 8, then single columns. */
+static inline void small_gemm(int64_t m, const float *const *in, int64_t depth, const float *w, int64_t w_stride,
+                              int64_t cols, float *const *out, int accumulate) {
+    int64_t c = 0;
+    if (m <= 2)
+        for (; c + 32 <= cols; c += 32) BLOCKS[m][2](in, depth, w, w_stride, out, c, accumulate);
+    for (; c + 16 <= cols; c += 16) BLOCKS[m][1](in, depth, w, w_stride, out, c, accumulate);
+    for (; c + 8 <= cols; c += 8) BLOCKS[m][0](in, depth, w, w_stride, out, c, accumulate);
+    for (; c < cols; c++) {
+        for (int64_t u = 0; u < m; u++) {
+            float acc = accumulate ? out[u][c] : 0.0f;
+            for (int64_t i = 0; i < depth; i++) acc += in[u][i] * w[i * w_stride + c];
+            out[u][c] = acc;
+        }
+    }
+}
+
+/* Ask for a [rows, cols] block (row stride `stride`) to be brought into cache, one request per 64-byte line. */
+static inline void prefetch_matrix(const float *w, int64_t rows, int64_t stride, int64_t cols) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c = 0; c < cols; c += 16) __builtin_prefetch(w + i * stride + c, 0, PREFETCH_HINT);
+}
+
+static inline void prefetch_slot(int64_t slot, const float *a, int64_t a_slot_stride, int64_t in_features,
+                                 int64_t a_row_stride, int64_t big_r, const lf_output *outputs, int64_t k, int64_t r) {
+    prefetch_matrix(a + slot * a_slot_stride, in_features, a_row_stride, big_r);
+    for (int64_t j = 0; j < k; j++)
+        prefetch_matrix(outputs[j].b + slot * outputs[j].b_slot_stride, r, outputs[j].b_row_stride, outputs[j].out);
+}
+
+static inline int64_t next_slot_start(const int64_t *slots, int64_t n, int64_t i) {
+    const int64_t s = slots[i];
+    while (i < n && slots[i] == s) i++;
+    return i;
+}
+
+int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const int64_t *rows,
+                const int64_t *slots, int64_t n, const float *a, int64_t a_slot_stride, int64_t a_row_stride,
+                int64_t big_r, const lf_output *outputs, int64_t k, int64_t r) {
+    if (big_r > MAX_R || k > MAX_OUTPUTS || k * r > big_r) return -1;
+    float h[TILE][MAX_R];
+    const float *xs[TILE];
+    float *hs[TILE];
+    const float *hj[TILE];
+    float *ys[TILE];
+    /* Weights are read once per slot and do not stay in cache between calls (a step reads every adapter of every
+     * layer), so the next PREFETCH_AHEAD slots' weights are requested before they are needed. */
+    int64_t ahead = 0;
+    for (int q = 0; q < PREFETCH_AHEAD && ahead < n; q++) {
+        prefetch_slot(slots[ahead], a, a_slot_stride, in_features, a_row_stride, big_r, outputs, k, r);
+        ahead = next_slot_start(slots, n, ahead);
+    }
+    for (int64_t t = 0; t < n;) {
+        const int64_t slot = slots[t];
+        int64_t m = 1;
+        while (m < TILE && t + m < n && slots[t + m] == slot) m++;
+        if ((t == 0 || slots[t - 1] != slot) && ahead < n) {
+            prefetch_slot(slots[ahead], a, a_slot_stride, in_features, a_row_stride, big_r, outputs, k, r);
+            ahead = next_slot_start(slots, n, ahead);
+        }
+        for (int64_t u = 0; u < m; u++) {
+            xs[u] = x + rows[t + u] * x_row_stride;
+            hs[u] = h[u];
+        }
+        small_gemm(m, xs, in_features, a + slot * a_slot_stride, a_row_stride, big_r, hs, 0);
+        for (int64_t j = 0; j < k; j++) {
+            const lf_output *o = &outputs[j];
+            for (int64_t u = 0; u < m; u++) {
+                hj[u] = h[u] + j * r;
+                ys[u] = o->y + rows[t + u] * o->y_row_stride;
+            }
+            small_gemm(m, hj, r, o->b + slot * o->b_slot_stride, o->b_row_stride, o->out, ys, 1);
+        }
+        t += m;
+    }
+    return 0;
+}
+

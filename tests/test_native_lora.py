@@ -1,0 +1,186 @@
+"""The native CPU batched-LoRA kernel (adapters/native_lora.py + adapters/kernels/bgmv_cpu.c): its results against
+the float64 per-row oracle on the slot bank's own layout, the plans that use it, and what happens without it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import native_lora
+from adapters.batched_lora import LoraBatch, expand_reference, shrink_reference
+from adapters.lora_files import BaseShapes, LoraAdapterConfig, LoraWeights
+from adapters.slot_bank import GROUPS, LoraSlotBank
+
+needs_kernel = pytest.mark.skipif(
+    not native_lora.available(), reason=f"native kernel not built here: {native_lora.unavailable_reason()}"
+)
+# Widths that reach every column path of the kernel: 32- and 16-column blocks, 8-column blocks, single columns.
+SHAPES = BaseShapes(2, {"q_proj": (40, 40), "k_proj": (40, 12), "v_proj": (40, 12), "o_proj": (40, 40),
+                        "gate_proj": (40, 72), "up_proj": (40, 72), "down_proj": (72, 40)})  # fmt: skip
+RANK = 8
+
+
+def _weights(rank: int, seed: int) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    modules = {(layer, proj): (torch.randn(rank, fan_in, generator=gen), torch.randn(fan_out, rank, generator=gen))
+               for layer in range(SHAPES.num_layers) for proj, (fan_in, fan_out) in SHAPES.io.items()}  # fmt: skip
+    return LoraWeights(LoraAdapterConfig(r=rank, lora_alpha=rank), modules, rank)
+
+
+@pytest.fixture(scope="module")
+def bank() -> LoraSlotBank:
+    bank = LoraSlotBank(SHAPES, num_slots=6, max_rank=RANK)
+    for slot in range(1, 7):
+        bank.acquire(f"a{slot}", _weights(2 + slot % 7, seed=slot))  # ranks 3..8, zero-padded to 8
+    return bank
+
+
+def _check_group(plan: LoraBatch, bank: LoraSlotBank, rows: torch.Tensor, layer: int, group: str,
+                 gen: torch.Generator) -> None:  # fmt: skip
+    a = bank.a[group][layer]
+    fan_in = a.shape[2]
+    x = torch.randn(len(rows), fan_in, generator=gen)
+    outs = [(torch.randn(len(rows), bank.b[p].shape[2], generator=gen), bank.b[p][layer]) for p in GROUPS[group]]
+    h = shrink_reference(x.double(), a.double(), rows)
+    want = [y.double() + expand_reference(h[:, j * RANK : (j + 1) * RANK], b.double(), rows)
+            for j, (y, b) in enumerate(outs)]  # fmt: skip
+    base_rows = [y[rows == 0].clone() for y, _ in outs]
+    plan.apply(x, a, outs, RANK)
+    for (got, _), ref, untouched in zip(outs, want, base_rows, strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)
+        assert torch.equal(got[rows == 0], untouched)  # rows without an adapter are never written
+
+
+@needs_kernel
+@pytest.mark.parametrize("idx", [
+    [0, 3, 1, 3, 3, 0, 2],                 # base rows between adapter rows
+    [5, 5, 5, 5, 5, 5, 5, 5, 5, 2, 2, 1],  # runs longer than the kernel's 4-row tile
+    [6, 1, 6, 1, 4, 0, 0, 0, 2, 5, 3],     # every slot, unsorted
+    [4, 0],
+])  # fmt: skip
+def test_native_plan_matches_the_reference_for_every_group(bank: LoraSlotBank, idx: list[int]) -> None:
+    rows = torch.tensor(idx)
+    plan = LoraBatch(rows, bank.storage)  # auto over a float32 CPU slot bank: the native kernel
+    assert plan.mode == "native"
+    gen = torch.Generator().manual_seed(len(idx))
+    for layer in range(SHAPES.num_layers):
+        for group in GROUPS:
+            _check_group(plan, bank, rows, layer, group, gen)
+
+
+@needs_kernel
+def test_tensors_the_kernel_cannot_take_fall_back_to_pytorch(bank: LoraSlotBank) -> None:
+    rows = torch.tensor([1, 2, 0, 2])
+    plan = LoraBatch(rows, bank.storage)
+    a, b = bank.a["o"][0], bank.b["o_proj"][0]
+    x = torch.randn(4, 40)
+    wide = torch.zeros(40, 4).T  # an output whose columns are not contiguous
+    assert not plan._native.apply(x, a, [(wide, b)], RANK)
+    plan.apply(x, a, [(wide, b)], RANK)  # the PyTorch plan for the same rows
+    want = expand_reference(shrink_reference(x.double(), a.double(), rows), b.double(), rows)
+    torch.testing.assert_close(wide.double(), want, rtol=2e-5, atol=2e-5)
+    # autograd (co-training's delta) never goes through C
+    xg = x.clone().requires_grad_()
+    plan.delta(xg, a, b).sum().backward()
+    assert xg.grad is not None and xg.grad[2].abs().sum() == 0  # the base row gets no LoRA gradient
+
+
+def test_without_the_kernel_plans_use_the_pytorch_paths(bank: LoraSlotBank, monkeypatch) -> None:
+    monkeypatch.setattr(native_lora, "available", lambda: False)
+    assert LoraBatch(torch.tensor([1, 2, 3, 0]), bank.storage).mode == "gather"
+    assert LoraBatch(torch.tensor([1, 2, 1, 2, 0, 0, 0]), bank.storage).mode == "grouped"
+    float64 = LoraSlotBank(SHAPES, num_slots=2, max_rank=RANK, dtype=torch.float64)
+    monkeypatch.undo()
+    assert LoraBatch(torch.tensor([1, 2]), float64.storage).mode != "native"  # float32 only
+    assert LoraBatch(torch.tensor([1, 2])).mode != "native"  # no slot bank (co-training): PyTorch
+
+
+def test_a_build_failure_is_reported_with_the_compiler_message(tmp_path: Path, monkeypatch) -> None:
+    if native_lora._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return undefined_name; }\n")
+    with pytest.raises(RuntimeError, match="undefined_name"):
+        native_lora.build(broken)
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left in the cache
+
+
+def test_no_compiler_means_no_kernel_and_a_reason(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native_lora.build()
+
+
+def test_require_names_what_is_wrong(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="CPU float32"):
+        native_lora.require(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setenv("LORAFLEET_NATIVE_LORA", "0")
+    native_lora._load.cache_clear()
+    try:
+        assert not native_lora.available()
+        with pytest.raises(RuntimeError, match="LORAFLEET_NATIVE_LORA"):
+            native_lora.require(torch.device("cpu"), torch.float32)
+    finally:
+        monkeypatch.undo()
+        native_lora._load.cache_clear()
+
+
+@needs_kernel
+def test_the_build_is_cached_and_reused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path))
+    first = native_lora.build()
+    stamp = first.stat().st_mtime_ns
+    assert native_lora.build() == first and first.stat().st_mtime_ns == stamp
+    assert first.parent == tmp_path and first.suffix == ".so"
+
+
+def test_an_engine_asked_for_the_native_kernel_without_it_refuses_to_start(tiny_base, monkeypatch) -> None:
+    from serve_app.engine import EngineConfig, LoraEngine
+
+    monkeypatch.setenv("LORAFLEET_NATIVE_LORA", "off")
+    native_lora._load.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="lora_kernel 'native'.*LORAFLEET_NATIVE_LORA"):
+            LoraEngine(tiny_base, EngineConfig(device="cpu", lora_kernel="native"))
+        engine = LoraEngine(tiny_base, EngineConfig(device="cpu"))  # auto: runs on the PyTorch paths instead
+        assert engine._lora_for((1, 2)).mode in ("gather", "grouped")
+    finally:
+        monkeypatch.undo()
+        native_lora._load.cache_clear()
+
+
+@needs_kernel
+def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_shapes, tmp_path: Path) -> None:
+    """Same requests through an engine on the native kernel and one forced onto the PyTorch gather path: the same
+    tokens, and the native engine's mixed decode steps really ran natively."""
+    from adapters.random_adapter import write_random_adapter
+    from serve_app.engine import EngineConfig, LoraEngine, SamplingParams
+
+    dirs = {f"n{i}": write_random_adapter(tmp_path / f"n{i}", tiny_shapes, rank=4 + 4 * (i % 3), seed=10 + i)
+            for i in range(5)}  # fmt: skip
+    outputs: dict[str, list[list[int]]] = {}
+    for kernel in ("auto", "gather"):
+        engine = LoraEngine(tiny_base, EngineConfig(device="cpu", max_running=8, max_loras=5, lora_kernel=kernel))
+        for name, folder in dirs.items():
+            engine.register_adapter(name, folder)
+        names = [None, *dirs]
+        for i in range(12):
+            ids = tiny_base.tokenizer(f"request {i}: say something about {i * 7}")["input_ids"]
+            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=12, ignore_eos=True), names[i % len(names)])
+        tokens: dict[str, list[int]] = {}
+        modes = set()
+        while engine.has_work():
+            for out in engine.step():
+                if out.token_id is not None:
+                    tokens.setdefault(out.request_id, []).append(out.token_id)
+            if engine._decode_plan is not None:
+                modes.add(engine._decode_plan[1].mode)
+        outputs[kernel] = [tokens[f"r{i}"] for i in range(12)]
+        assert ("native" in modes) == (kernel == "auto"), modes
+    assert outputs["auto"] == outputs["gather"]
