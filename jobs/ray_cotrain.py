@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from jobs.config import SweepConfig, TrialSpec
-from jobs.ray_train import RayHooks
+from jobs.ray_train import RayHooks, copy_resume_checkpoint, fit_trainer
 
 OUTCOMES_FILE = "outcomes.json"
 
@@ -36,6 +35,10 @@ class GroupRayHooks:
     def log(self, adapter: str, step: int, metrics: dict[str, float]) -> None:
         self._hooks[adapter].log(step, metrics)
 
+    def close(self) -> bool:
+        """Wait until every adapter's queued metrics reached MLflow (see `RayHooks.close`)."""
+        return all([hooks.close() for hooks in self._hooks.values()])
+
     def checkpoint(self, round_index: int, folder: Path | None, metrics: dict[str, float]) -> None:
         import ray.train
 
@@ -52,18 +55,13 @@ def cotrain_worker(config: dict[str, Any]) -> None:
     specs = [TrialSpec.model_validate(s) for s in config["specs"]]
     hooks = GroupRayHooks(specs, config["run_ids"], config["tracking_uri"], config["experiment"])
     with tempfile.TemporaryDirectory() as tmp:
-        resume = None
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            resume = Path(tmp) / "resume"
-            with checkpoint.as_directory() as folder:
-                shutil.copytree(folder, resume)
-            if (resume / OUTCOMES_FILE).exists():  # the group had finished: hand its results back
-                ray.train.report({"finished": 1}, checkpoint=ray.train.Checkpoint.from_directory(str(resume)))
-                return
-            print(f"[group {group_id(specs)}] resuming {len(specs)} adapters from {checkpoint.path}", flush=True)
+        resume = copy_resume_checkpoint(Path(tmp), f"group {group_id(specs)}, {len(specs)} adapters")
+        if resume is not None and (resume / OUTCOMES_FILE).exists():  # the group had finished: hand results back
+            ray.train.report({"finished": 1}, checkpoint=ray.train.Checkpoint.from_directory(str(resume)))
+            return
         out = Path(tmp) / "final"
         outcomes = cotrain(specs, hooks, out, resume, str(ray.train.torch.get_device()))
+        hooks.close()  # every adapter's metrics in MLflow before its run is marked finished
         records = {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()}
                    for name, o in outcomes.items()}  # fmt: skip
         (out / OUTCOMES_FILE).write_text(json.dumps(records))
@@ -72,41 +70,7 @@ def cotrain_worker(config: dict[str, Any]) -> None:
 
 def fit_group(config: SweepConfig, specs: list[TrialSpec], run_ids: dict[str, str], name: str,
               callbacks: list[Any]) -> Path:  # fmt: skip
-    """Fit one group's TorchTrainer; return a local folder with `<adapter_name>/` per adapter and outcomes.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    res = config.resources
-    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
-    if res.use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
-    storage = config.storage_path
-    trainer = TorchTrainer(
-        cotrain_worker,
-        train_loop_config={
-            "specs": [s.model_dump(mode="json") for s in specs],
-            "run_ids": run_ids,
-            "tracking_uri": config.mlflow.uri(),
-            "experiment": config.mlflow.experiment,
-        },  # fmt: skip
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=res.use_gpu, resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,  # stable: a resubmitted sweep resumes the group from its checkpoints
-            storage_path=storage if "://" in storage else str(Path(storage).expanduser().absolute()),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"co-training group {name} failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"co-training group {name} ended without a final checkpoint")
-    local = Path(tempfile.mkdtemp(prefix=f"lorafleet-{name}-"))
-    with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, local, dirs_exist_ok=True)
-    if not (local / OUTCOMES_FILE).exists():
-        raise RuntimeError(f"co-training group {name}: the last checkpoint is not a final one")
-    return local
+    """Fit one group's TorchTrainer (one worker); return a local folder with `<adapter_name>/` per adapter and
+    outcomes.json."""
+    loop_config = {"specs": [s.model_dump(mode="json") for s in specs], "run_ids": run_ids}
+    return fit_trainer(config, cotrain_worker, loop_config, name, 1, callbacks, OUTCOMES_FILE)

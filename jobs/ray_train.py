@@ -62,6 +62,8 @@ class RayHooks:
     def close(self, timeout: float | None = None) -> bool:
         """Wait until every queued batch reached MLflow (up to `timeout`, default the tracking retry budget).
         False, after saying which steps are missing, if MLflow did not take them in time."""
+        if self.rank != 0:
+            return True
         from jobs.tracking import retry_seconds
 
         budget = retry_seconds() if timeout is None else timeout
@@ -128,6 +130,21 @@ class RayHooks:
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
 
+def copy_resume_checkpoint(tmp: Path, who: str) -> Path | None:
+    """The Ray Train checkpoint this worker restarts from (after a failure or a resubmission), copied to
+    `tmp/resume`; None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    resume = tmp / "resume"
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, resume)
+    print(f"[{who}] resuming from checkpoint {checkpoint.path}", flush=True)
+    return resume
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -140,16 +157,11 @@ def train_worker(config: dict[str, Any]) -> None:
     hooks = RayHooks(spec, config["run_id"], config["tracking_uri"], config["experiment"], rank)
     device = str(ray.train.torch.get_device())
     with tempfile.TemporaryDirectory() as tmp:
-        resume = None
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            resume = Path(tmp) / "resume"
-            with checkpoint.as_directory() as folder:
-                shutil.copytree(folder, resume)
-            print(f"[{spec.adapter_name}] resuming from checkpoint {checkpoint.path}", flush=True)
+        resume = copy_resume_checkpoint(Path(tmp), spec.adapter_name)
         wrap = ray.train.torch.prepare_model if world > 1 and spec.deepspeed is None else None
         out = Path(tmp) / "final"
         outcome = train(spec, hooks, out / ADAPTER_DIR, resume, rank, world, device, wrap)
+        hooks.close()  # every metric in MLflow before the run is marked finished
         metrics = {"step": outcome.steps, "adapter_score": outcome.adapter_score, "base_score": outcome.base_score}
         if rank == 0:
             record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(outcome).items()}
@@ -159,8 +171,10 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def fit_adapter(config: SweepConfig, spec: TrialSpec, run_id: str, callbacks: list[Any]) -> Path:
-    """Fit one adapter's TorchTrainer; return a local folder holding `adapter/` and `outcome.json`."""
+def fit_trainer(config: SweepConfig, worker: Any, loop_config: dict[str, Any], name: str, num_workers: int,
+                callbacks: list[Any], final_file: str) -> Path:  # fmt: skip
+    """Run one TorchTrainer named `name` (stable: a resubmitted sweep resumes from its checkpoints) with the sweep's
+    resources and failure policy; return a local copy of its final checkpoint, which must hold `final_file`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -168,23 +182,15 @@ def fit_adapter(config: SweepConfig, spec: TrialSpec, run_id: str, callbacks: li
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
+    storage = config.storage_path
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "run_id": run_id,
-            "tracking_uri": config.mlflow.uri(),
-            "experiment": config.mlflow.experiment,
-        },  # fmt: skip
-        scaling_config=ScalingConfig(
-            num_workers=res.workers_per_adapter, use_gpu=res.use_gpu, resources_per_worker=per_worker
-        ),  # fmt: skip
+        worker,
+        train_loop_config={**loop_config, "tracking_uri": config.mlflow.uri(), "experiment": config.mlflow.experiment},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{spec.sweep}-{spec.adapter_name}",  # stable: a resubmitted sweep resumes from its checkpoints
-            storage_path=str(Path(config.storage_path).expanduser().absolute())
-            if "://" not in config.storage_path
-            else config.storage_path,
+            name=name,
+            storage_path=storage if "://" in storage else str(Path(storage).expanduser().absolute()),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -192,12 +198,19 @@ def fit_adapter(config: SweepConfig, spec: TrialSpec, run_id: str, callbacks: li
     )
     result = trainer.fit()
     if result.error is not None:
-        raise RuntimeError(f"training {spec.adapter_name} failed: {result.error}") from result.error
+        raise RuntimeError(f"training {name} failed: {result.error}") from result.error
     if result.checkpoint is None:
-        raise RuntimeError(f"training {spec.adapter_name} ended without a final checkpoint")
-    local = Path(tempfile.mkdtemp(prefix=f"lorafleet-{spec.adapter_name}-"))
+        raise RuntimeError(f"training {name} ended without a final checkpoint")
+    local = Path(tempfile.mkdtemp(prefix=f"lorafleet-{name}-"))
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(folder, local, dirs_exist_ok=True)
-    if not (local / OUTCOME_FILE).exists():
-        raise RuntimeError(f"training {spec.adapter_name}: the last checkpoint is not a final one")
+    if not (local / final_file).exists():
+        raise RuntimeError(f"training {name}: the last checkpoint is not a final one")
     return local
+
+
+def fit_adapter(config: SweepConfig, spec: TrialSpec, run_id: str, callbacks: list[Any]) -> Path:
+    """Fit one adapter's TorchTrainer; return a local folder holding `adapter/` and `outcome.json`."""
+    return fit_trainer(config, train_worker, {"spec": spec.model_dump(mode="json"), "run_id": run_id},
+                       f"{spec.sweep}-{spec.adapter_name}", config.resources.workers_per_adapter, callbacks,
+                       OUTCOME_FILE)  # fmt: skip

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
+from bad_adapters import write_bad_adapters
 
 from adapters.random_adapter import write_random_adapter
 from serve_app.api import create_api
@@ -25,12 +25,7 @@ def catalog(tiny_shapes, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("catalog")
     for i in range(3):
         write_random_adapter(root / f"ad{i}", tiny_shapes, rank=8, seed=i)
-    (root / "pickled").mkdir()
-    shutil.copy(root / "ad0" / "adapter_config.json", root / "pickled")
-    (root / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
-    (root / "corrupt").mkdir()
-    shutil.copy(root / "ad0" / "adapter_config.json", root / "corrupt")
-    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    write_bad_adapters(root, root / "ad0", ("pickled", "corrupt"))
     return root
 
 

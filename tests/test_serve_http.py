@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from bad_adapters import write_bad_adapters
 from peft_reference import chat_ids, engine_greedy, peft_greedy
 from serve_helpers import (
     app_config,
@@ -81,20 +82,10 @@ def adapter_dirs(tiny_shapes, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def catalog(adapter_dirs, tmp_path_factory) -> Path:
     """The local catalog the app starts with: good adapters plus three that must be refused per request."""
-    from safetensors.torch import load_file, save_file
-
     root = tmp_path_factory.mktemp("catalog")
     for name in ADAPTERS:
         shutil.copytree(adapter_dirs[name], root / name)
-    for bad in ("corrupt", "pickled", "nan"):
-        (root / bad).mkdir()
-        shutil.copy(adapter_dirs["ad0"] / "adapter_config.json", root / bad)
-    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    (root / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
-    tensors = load_file(str(adapter_dirs["ad0"] / "adapter_model.safetensors"))
-    first = sorted(tensors)[0]
-    tensors[first] = tensors[first] * float("nan")
-    save_file(tensors, str(root / "nan" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_bad_adapters(root, adapter_dirs["ad0"])
     return root
 
 
