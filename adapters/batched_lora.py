@@ -8,7 +8,8 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
 
 `LoraBatch` is the plan for one step's rows. It picks the cheapest correct path:
   - `none`:    no row uses an adapter: nothing to do;
-  - `single`:  every row uses the same slot (a prefill chunk, or a batch of one adapter): two plain matmuls;
+  - `single`:  every row uses the same slot (a prefill chunk, or a batch of one adapter): two plain matmuls, or
+    for small chunks on CPU float32 one call of the native kernel (`native_lora.UniformRows`);
   - `gather`:  each row's weights copied next to it (`index_select`), then one `bmm`/`baddbmm_` per matrix over
     the rows, in place. Fewest operations per step; best when (nearly) every row has its own adapter, but it
     reads and copies rows x adapter size. With the slot bank's `storage` the copy is one `index_select` for every
@@ -31,6 +32,7 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable
 from typing import Any, Literal
 
 import torch
@@ -105,6 +107,8 @@ class LoraBatch:
         elif len(present) == 1:
             self.mode = "single"
             self.slot = self.distinct[0]
+            # small one-adapter chunks: one native call instead of a shrink and k expands (None: PyTorch only)
+            self._uniform = native_lora.UniformRows(self.slot) if _native_runs(kernel, idx, storage) else None
         else:
             self._lo = self.distinct[0]  # the grouped window: adapter slots lo..hi (base rows need no LoRA)
             self._span = self.distinct[-1] - self._lo + 1
@@ -267,13 +271,13 @@ class LoraBatch:
         y.unsqueeze(1).baddbmm_(h.unsqueeze(1), self._rows_t(b))
         return y
 
-    def apply(
-        self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int
-    ) -> None:
-        """Shrink once for every projection that shares input `x`, then expand into each output in place."""
+    def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
+              key: Hashable | None = None) -> None:  # fmt: skip
+        """Shrink once for every projection that shares input `x`, then expand into each output in place. `key`:
+        optionally, a name the caller always gives these weights (see `native_lora.RowOrder.apply`)."""
         mode = self.mode
         if mode == "native":
-            if not self._native.apply(x, a, outputs, rank):  # tensors the kernel cannot take: the PyTorch plan
+            if not self._native.apply(x, a, outputs, rank, key):  # tensors the kernel cannot take: the PyTorch plan
                 self._fallback().apply(x, a, outputs, rank)
         elif mode == "gather":  # [N, 1, R] kept 3-d end to end: no squeeze/unsqueeze per projection
             h = torch.bmm(x.unsqueeze(1), self._rows_t(a))
@@ -283,7 +287,7 @@ class LoraBatch:
             h = torch.bmm(self._scatter(x), self._window(a))
             for i, (y, b) in enumerate(outputs):
                 self._expand_grouped(y, h[:, :, i * rank : (i + 1) * rank], b)
-        elif mode == "single":
+        elif mode == "single" and (self._uniform is None or not self._uniform.apply(x, a, outputs, rank, key)):
             h = x @ self._slot_t(a)
             for i, (y, b) in enumerate(outputs):
                 y.addmm_(h[:, i * rank : (i + 1) * rank], self._slot_t(b))

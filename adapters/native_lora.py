@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Hashable
 from functools import cache
 from pathlib import Path
 
@@ -45,6 +46,26 @@ class _Output(ctypes.Structure):
         ("b_slot_stride", ctypes.c_int64),
         ("b_row_stride", ctypes.c_int64),
         ("out", ctypes.c_int64),
+    ]
+
+
+class _Call(ctypes.Structure):
+    """`lf_call` in the C source: every argument of one kernel call."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("x_row_stride", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("rows", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("a", ctypes.c_void_p),
+        ("a_slot_stride", ctypes.c_int64),
+        ("a_row_stride", ctypes.c_int64),
+        ("big_r", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("r", ctypes.c_int64),
+        ("outputs", _Output * MAX_OUTPUTS),
     ]
 
 
@@ -122,11 +143,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("native CPU LoRA kernel unavailable, using the PyTorch paths: %s", err)
         return None, f"the native CPU kernel could not be built or loaded: {err}"
-    fn = lib.lf_bgmv_f32
+    fn = lib.lf_bgmv_f32_call
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_Output),
-                   ctypes.c_int64, ctypes.c_int64]  # fmt: skip
+    fn.argtypes = [ctypes.c_void_p]  # the address of a _Call
     return lib, None
 
 
@@ -147,55 +166,117 @@ def _weights_ok(a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]
     )
 
 
-def _activation_ok(t: torch.Tensor) -> bool:
-    return t.dtype is torch.float32 and t.is_cpu and t.dim() == 2 and t.stride(1) == 1
+# a weight layout (the group's A and Bs: addresses, shapes, strides; rank) -> a _Call with the weight fields set,
+# or None if the kernel cannot take those weights. Checked and built once per layout, copied for each RowOrder.
+_templates: dict[tuple, _Call | None] = {}
+_MAX_TEMPLATES = 4096
+
+
+def _template(a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> _Call | None:
+    key = (a.data_ptr(), a.dtype, a.device, a.shape, a.stride(), rank,
+           *[(b.data_ptr(), b.dtype, b.device, b.shape, b.stride()) for _, b in outputs])  # fmt: skip
+    if key in _templates:
+        return _templates[key]
+    if len(_templates) >= _MAX_TEMPLATES:
+        _templates.clear()
+    call = None
+    if load() is not None and _weights_ok(a, outputs, rank):
+        call = _Call(a=a.data_ptr(), a_slot_stride=a.stride(0), a_row_stride=a.stride(2), big_r=a.shape[1],
+                     in_features=a.shape[2], k=len(outputs), r=rank)  # fmt: skip
+        for j, (_, b) in enumerate(outputs):
+            o = call.outputs[j]
+            o.b, o.b_slot_stride, o.b_row_stride, o.out = b.data_ptr(), b.stride(0), b.stride(2), b.shape[1]
+    _templates[key] = call
+    return call
 
 
 class RowOrder:
     """The rows a native call touches (adapter rows only, sorted by slot so shared adapters are read once per run
     of rows), kept as int64 tensors whose addresses are passed to C. Per set of weights (a layer's projection
-    group) the kernel's argument block is built and checked once, then reused: a call costs about 5 us of Python."""
+    group) the kernel's argument struct is made once from the layout's template, then only the activation
+    pointers change: a call costs a few us of Python."""
 
     def __init__(self, slots: list[int]) -> None:
         order = sorted((s, row) for row, s in enumerate(slots) if s != 0)
         self.rows = torch.tensor([row for _, row in order], dtype=torch.int64)
         self.slots = torch.tensor([s for s, _ in order], dtype=torch.int64)
         self.count = len(order)
-        self._rows_ptr, self._slots_ptr = self.rows.data_ptr(), self.slots.data_ptr()
-        self._prepared: dict[tuple, tuple | None] = {}
+        self.max_row = max((row for _, row in order), default=-1)  # x and every y need more rows than this
+        self.uniform = False
+        self.max_macs = 0
+        # (address and shape of A, rank, addresses of the Bs) -> (call struct, its address, the kernel), or None for
+        # weights the kernel cannot take (in the slot bank, a view's address and shape fix its layout)
+        self._bound: dict[tuple, tuple | None] = {}
 
-    def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]],
-              rank: int) -> bool:  # fmt: skip
+    def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
+              key: Hashable | None = None) -> bool:  # fmt: skip
         """y += (x @ A[slot].T)[j-th rank block] @ B_j[slot].T for each listed row, in place (see the C source).
         `a` [S, R, in] and each `b` [S, out, r] as the slot bank lays them out, `x` [N, in] and each `y` [N, out]
-        CPU float32 with contiguous rows. Returns False, having done nothing, for tensors the kernel cannot take."""
-        key = (a.data_ptr(), rank, *[b.data_ptr() for _, b in outputs])  # (views at one address have one layout
-        # in the slot bank; `_prepare` checked it)
-        prepared = self._prepared.get(key, False)
-        if prepared is False:
-            prepared = self._prepared[key] = self._prepare(a, outputs, rank)
-        if prepared is None or not _activation_ok(x) or x.shape[1] != a.shape[2]:
+        CPU float32 with contiguous rows. Returns False, having done nothing, for tensors the kernel cannot take.
+        `key`: a name the caller gives exactly this (a, bs, rank) every time (the engine: its layer and group), which
+        spares computing one from the tensors. This is the hot path of every decode step: its checks are ordered
+        and written for speed, but every one of them stays (the C side trusts them)."""
+        if key is None:
+            key = (a.data_ptr(), a.shape, rank, *[b.data_ptr() for _, b in outputs])
+        bound = self._bound.get(key, False)
+        if bound is False:
+            bound = self._bound[key] = self._bind(a, outputs, rank)
+        if bound is None:
             return False
-        structs, a_args = prepared
-        for j, (y, b) in enumerate(outputs):
-            if not _activation_ok(y) or y.shape[1] != b.shape[1]:
+        call, address, kernel, widths, macs_per_row = bound
+        n = x.shape[0]
+        if self.uniform:  # rows 0..n-1, n from x: every y needs n rows
+            if n > self.count or n * macs_per_row > self.max_macs:
                 return False
-            structs[j].y, structs[j].y_row_stride = y.data_ptr(), y.stride(0)
-        status = load().lf_bgmv_f32(x.data_ptr(), x.stride(0), x.shape[1], self._rows_ptr, self._slots_ptr,  # type: ignore[union-attr]
-                                    self.count, *a_args, structs, len(outputs), rank)  # fmt: skip
-        if status != 0:
+            call.n = rows_needed = n
+        else:
+            rows_needed = self.max_row + 1
+        if not _fits(x, call.in_features, rows_needed):
+            return False
+        for (y, _), width in zip(outputs, widths, strict=True):
+            if not _fits(y, width, rows_needed):
+                return False
+        for slot, (y, _) in zip(call.outputs, outputs, strict=False):  # (the struct has MAX_OUTPUTS slots)
+            slot.y, slot.y_row_stride = y.data_ptr(), y.stride(0)
+        call.x, call.x_row_stride = x.data_ptr(), x.stride(0)
+        if kernel(address) != 0:
             raise ValueError(f"native LoRA kernel refused the shapes (R={a.shape[1]}, outputs={len(outputs)})")
         return True
 
-    @staticmethod
-    def _prepare(a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple | None:
-        if load() is None or not _weights_ok(a, outputs, rank):
+    def _bind(self, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple | None:
+        template = _template(a, outputs, rank)
+        if template is None:
             return None
-        structs = (_Output * MAX_OUTPUTS)()
-        for j, (_, b) in enumerate(outputs):
-            structs[j].b, structs[j].b_slot_stride = b.data_ptr(), b.stride(0)
-            structs[j].b_row_stride, structs[j].out = b.stride(2), b.shape[1]
-        return structs, (a.data_ptr(), a.stride(0), a.stride(2), a.shape[1])
+        call = _Call.from_buffer_copy(template)
+        call.rows, call.slots, call.n = self.rows.data_ptr(), self.slots.data_ptr(), self.count
+        kernel = load().lf_bgmv_f32_call  # type: ignore[union-attr]
+        widths = tuple(b.shape[1] for _, b in outputs)
+        return call, ctypes.addressof(call), kernel, widths, a.shape[1] * a.shape[2] + rank * sum(widths)
+
+
+def _fits(t: torch.Tensor, width: int, rows: int) -> bool:
+    """CPU float32 [N >= rows, width] with contiguous rows."""
+    shape = t.shape
+    return (t.dtype is torch.float32 and len(shape) == 2 and shape[1] == width and shape[0] >= rows and t.is_cpu
+            and t.stride(1) == 1)  # fmt: skip
+
+
+# a one-adapter chunk goes to the kernel up to this many multiply-adds per call (shrink + expands); beyond it
+# PyTorch's GEMM is faster. Measured crossover on a 2-core EPYC VM: 0.5-0.7 M for hidden 64 and 576 alike.
+UNIFORM_MAX_MACS = 512 * 1024
+
+
+class UniformRows(RowOrder):
+    """Rows 0..N-1 all on one slot (a prefill chunk, or a batch on one adapter), N taken from x at each call, up to
+    `capacity` rows. For small chunks the kernel's one call beats PyTorch's four or five small matmuls (their
+    per-call cost dominates); `apply` returns False (the caller uses PyTorch) above `max_macs` work per call."""
+
+    def __init__(self, slot: int, capacity: int = 256, max_macs: int = UNIFORM_MAX_MACS) -> None:
+        if slot < 1:
+            raise ValueError("UniformRows needs an adapter slot (>= 1)")
+        super().__init__([slot] * capacity)
+        self.uniform = True
+        self.max_macs = max_macs
 
 
 def _self_check(seed: int = 0) -> float:

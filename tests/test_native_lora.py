@@ -88,6 +88,52 @@ def test_tensors_the_kernel_cannot_take_fall_back_to_pytorch(bank: LoraSlotBank)
     assert xg.grad is not None and xg.grad[2].abs().sum() == 0  # the base row gets no LoRA gradient
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 9, 40])
+def test_one_adapter_chunks_go_through_the_kernel_and_match_the_reference(bank: LoraSlotBank, rows: int,
+                                                                           monkeypatch) -> None:  # fmt: skip
+    plan = LoraBatch(torch.tensor([4]), bank.storage)  # a prefill chunk's plan: one slot, any number of rows
+    assert plan.mode == "single" and plan._uniform is not None
+    calls = []
+    kernel_apply = native_lora.RowOrder.apply
+    monkeypatch.setattr(native_lora.RowOrder, "apply", lambda *a, **k: calls.append(1) or kernel_apply(*a, **k))
+    gen = torch.Generator().manual_seed(rows)
+    for layer in range(SHAPES.num_layers):
+        for group in GROUPS:
+            _check_group(plan, bank, torch.full((rows,), 4), layer, group, gen)
+    assert len(calls) == SHAPES.num_layers * len(GROUPS)
+
+
+@needs_kernel
+def test_one_adapter_chunks_above_the_work_limit_use_pytorch(bank: LoraSlotBank) -> None:
+    a, b = bank.a["o"][1], bank.b["o_proj"][1]
+    uniform = native_lora.UniformRows(3, capacity=16, max_macs=10 * (40 * RANK + RANK * 40))  # up to 10 rows
+    for rows, taken in [(10, True), (11, False), (17, False)]:  # 17: beyond the capacity as well
+        x, y = torch.randn(rows, 40), torch.zeros(rows, 40)
+        assert uniform.apply(x, a, [(y, b)], RANK) is taken
+        assert bool(y.abs().sum() > 0) is taken  # refused means untouched
+    plan = LoraBatch(torch.tensor([3]), bank.storage)
+    x, y = torch.randn(600, 40), torch.zeros(600, 40)  # far above the default limit: the PyTorch matmuls
+    plan.apply(x, a, [(y, b)], RANK)
+    want = expand_reference(shrink_reference(x.double(), a.double(), torch.full((600,), 3)), b.double(),
+                            torch.full((600,), 3))  # fmt: skip
+    torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_the_kernel_refuses_activations_with_too_few_rows(bank: LoraSlotBank) -> None:
+    """Row indices go to C unchecked, so every activation must have a row for each: short ones are refused."""
+    a, b = bank.a["o"][0], bank.b["o_proj"][0]
+    order = native_lora.RowOrder([0, 2, 0, 5, 1])  # touches rows 1, 3 and 4
+    assert not order.apply(torch.randn(4, 40), a, [(torch.zeros(5, 40), b)], RANK)
+    assert not order.apply(torch.randn(5, 40), a, [(torch.zeros(4, 40), b)], RANK)
+    assert not native_lora.UniformRows(2).apply(torch.randn(6, 40), a, [(torch.zeros(5, 40), b)], RANK)
+    y = torch.zeros(5, 40)
+    assert order.apply(torch.randn(5, 40), a, [(y, b)], RANK, key="layer0-o")  # a caller-given key for weights
+    assert order.apply(torch.randn(5, 40), a, [(y, b)], RANK, key="layer0-o")  # ... reused on the next call
+    assert y[0].abs().sum() == 0 and y[2].abs().sum() == 0 and y[1].abs().sum() > 0
+
+
 def test_without_the_kernel_plans_use_the_pytorch_paths(bank: LoraSlotBank, monkeypatch) -> None:
     monkeypatch.setattr(native_lora, "available", lambda: False)
     assert LoraBatch(torch.tensor([1, 2, 3, 0]), bank.storage).mode == "gather"

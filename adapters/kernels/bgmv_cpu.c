@@ -154,3 +154,26 @@ int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const
     return 0;
 }
 
+
+/* The same call with its arguments in one struct: Python keeps one per (rows, weights) pair, sets only the
+ * activation pointers per call, and passes a single address (a 13-argument ctypes call costs several us). */
+typedef struct {
+    const float *x;
+    int64_t x_row_stride;
+    int64_t in_features;
+    const int64_t *rows;
+    const int64_t *slots;
+    int64_t n;
+    const float *a;
+    int64_t a_slot_stride;
+    int64_t a_row_stride;
+    int64_t big_r;
+    int64_t k;
+    int64_t r;
+    lf_output outputs[MAX_OUTPUTS];
+} lf_call;
+
+int lf_bgmv_f32_call(const lf_call *c) {
+    return lf_bgmv_f32(c->x, c->x_row_stride, c->in_features, c->rows, c->slots, c->n, c->a, c->a_slot_stride,
+                       c->a_row_stride, c->big_r, c->outputs, c->k, c->r);
+}

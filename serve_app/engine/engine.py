@@ -252,7 +252,7 @@ class LoraEngine:
         if len(set(slots)) == 1:  # every row on one adapter (e.g. a prefill chunk): one reusable plan per slot
             plan = self._single_plans.get(slots[0])
             if plan is None:
-                plan = LoraBatch(torch.tensor(slots[:1], device=self.device), self.bank.storage)
+                plan = LoraBatch(torch.tensor(slots[:1], device=self.device), self.bank.storage, self.lora_kernel)
                 self._single_plans[slots[0]] = plan
             return plan
         idx = torch.tensor(slots, device=self.device)

@@ -58,7 +58,7 @@ class ModelRunner:
         if lora is None or not lora.active:
             return
         a, bs = self._lora_views[index][group]
-        lora.apply(x, a, list(zip(ys, bs, strict=True)), self.bank.rank)
+        lora.apply(x, a, list(zip(ys, bs, strict=True)), self.bank.rank, (index, group))
 
     def _layer(self, index: int, h: torch.Tensor, cos_sin: tuple, attend, lora: LoraBatch | None) -> torch.Tensor:
         layer = self.layers[index]
