@@ -134,6 +134,35 @@ def test_the_kernel_refuses_activations_with_too_few_rows(bank: LoraSlotBank) ->
     assert y[0].abs().sum() == 0 and y[2].abs().sum() == 0 and y[1].abs().sum() > 0
 
 
+@needs_kernel
+@pytest.mark.parametrize("uniform", [False, True])
+def test_threads_split_the_rows_and_change_no_result(bank: LoraSlotBank, uniform: bool) -> None:
+    """Enough work per call for several threads (each row is computed by one thread, in the same order as on one
+    thread, so the results are bitwise equal)."""
+    gen = torch.Generator().manual_seed(7)
+    rows = 301  # not a multiple of the tile or the thread count
+    slots = [3] * rows if uniform else torch.randint(0, 7, (rows,), generator=gen).tolist()
+    order = native_lora.UniformRows(3, capacity=rows, max_macs=2**40) if uniform else native_lora.RowOrder(slots)
+    a, bs = bank.a["gate_up"][1], [bank.b[p][1] for p in GROUPS["gate_up"]]
+    x = torch.randn(rows, a.shape[2], generator=gen)
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ys = [torch.zeros(rows, b.shape[1]) for b in bs]
+            assert order.apply(x, a, list(zip(ys, bs, strict=True)), RANK)
+            results[threads] = ys
+    finally:
+        torch.set_num_threads(before)
+    idx = torch.tensor(slots)
+    h = shrink_reference(x.double(), a.double(), idx)
+    for j, b in enumerate(bs):
+        want = expand_reference(h[:, j * RANK : (j + 1) * RANK], b.double(), idx)
+        torch.testing.assert_close(results[1][j].double(), want, rtol=2e-5, atol=2e-5)
+        assert torch.equal(results[2][j], results[1][j]) and torch.equal(results[3][j], results[1][j])
+
+
 def test_without_the_kernel_plans_use_the_pytorch_paths(bank: LoraSlotBank, monkeypatch) -> None:
     monkeypatch.setattr(native_lora, "available", lambda: False)
     assert LoraBatch(torch.tensor([1, 2, 3, 0]), bank.storage).mode == "gather"

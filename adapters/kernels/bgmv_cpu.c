@@ -9,7 +9,10 @@
  * the accumulators for a block of output columns of every row of the run stay in registers while the loop walks
  * W's rows, so each weight is loaded once per run, not once per row. Rows not listed (slot 0 = no adapter) are not touched.
  *
- *     cc -O3 -march=native -shared -fPIC -o bgmv_cpu.so bgmv_cpu.c
+ * With OpenMP (-fopenmp: the same libgomp PyTorch loads, so the same thread pool) a call with enough work splits its
+ * rows across threads.
+ *
+ *     cc -O3 -march=native -fopenmp -shared -fPIC -o bgmv_cpu.so bgmv_cpu.c
  */
 #include <stdint.h>
 #include <string.h>
@@ -22,6 +25,10 @@
 #endif
 #ifndef PREFETCH_HINT
 #define PREFETCH_HINT 3
+#endif
+#define MAX_THREADS 256
+#ifndef PARALLEL_MIN_MACS
+#define PARALLEL_MIN_MACS (256 * 1024) /* below this much work per call, one thread (waking others costs more) */
 #endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, unaligned loads and stores */
@@ -112,10 +119,10 @@ static inline int64_t next_slot_start(const int64_t *slots, int64_t n, int64_t i
     return i;
 }
 
-int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const int64_t *rows,
-                const int64_t *slots, int64_t n, const float *a, int64_t a_slot_stride, int64_t a_row_stride,
-                int64_t big_r, const lf_output *outputs, int64_t k, int64_t r) {
-    if (big_r > MAX_R || k > MAX_OUTPUTS || k * r > big_r) return -1;
+/* Rows t = 0..n-1 of one call (rows/slots already offset to a thread's share), on one thread. */
+static void bgmv_rows(const float *x, int64_t x_row_stride, int64_t in_features, const int64_t *rows,
+                      const int64_t *slots, int64_t n, const float *a, int64_t a_slot_stride, int64_t a_row_stride,
+                      int64_t big_r, const lf_output *outputs, int64_t k, int64_t r) {
     float h[TILE][MAX_R];
     const float *xs[TILE];
     float *hs[TILE];
@@ -151,9 +158,54 @@ int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const
         }
         t += m;
     }
-    return 0;
 }
 
+/* Where a thread's share may start: at or after `target`, on a tile boundary of the single-thread tiling (runs are
+ * tiled from their first row), so every row is computed exactly as on one thread. */
+static int64_t aligned_start(const int64_t *slots, int64_t n, int64_t target) {
+    if (target <= 0) return 0;
+    if (target >= n) return n;
+    int64_t run_start = target;
+    while (run_start > 0 && slots[run_start - 1] == slots[target]) run_start--;
+    int64_t p = run_start + (target - run_start + TILE - 1) / TILE * TILE;
+    int64_t run_end = target;
+    while (run_end < n && slots[run_end] == slots[target]) run_end++;
+    return p < run_end ? p : run_end;
+}
+
+/* `threads` > 1 (the caller passes PyTorch's thread count) splits the rows into about equal shares, one per
+ * thread, when the call has enough work to pay for waking them. Shares start on the one-thread tiling's tile
+ * boundaries, so the result is bitwise the same for any thread count; each row is written by one thread. Built
+ * without OpenMP, it always runs on the calling thread. */
+int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const int64_t *rows,
+                const int64_t *slots, int64_t n, const float *a, int64_t a_slot_stride, int64_t a_row_stride,
+                int64_t big_r, const lf_output *outputs, int64_t k, int64_t r, int64_t threads) {
+    if (big_r > MAX_R || k > MAX_OUTPUTS || k * r > big_r) return -1;
+#ifdef _OPENMP
+    int64_t out_total = 0;
+    for (int64_t j = 0; j < k; j++) out_total += outputs[j].out;
+    const int64_t work = n * (in_features * big_r + r * out_total);
+    if (threads > n / TILE) threads = n / TILE;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > 1 && work >= PARALLEL_MIN_MACS) {
+        int64_t start[MAX_THREADS + 1];
+        for (int64_t part = 0; part < threads; part++) start[part] = aligned_start(slots, n, n * part / threads);
+        start[threads] = n;
+#pragma omp parallel for num_threads((int)threads) schedule(static, 1)
+        for (int64_t part = 0; part < threads; part++) {
+            const int64_t lo = start[part], hi = start[part + 1];
+            if (lo < hi)
+                bgmv_rows(x, x_row_stride, in_features, rows + lo, slots + lo, hi - lo, a, a_slot_stride,
+                          a_row_stride, big_r, outputs, k, r);
+        }
+        return 0;
+    }
+#else
+    (void)threads;
+#endif
+    bgmv_rows(x, x_row_stride, in_features, rows, slots, n, a, a_slot_stride, a_row_stride, big_r, outputs, k, r);
+    return 0;
+}
 
 /* The same call with its arguments in one struct: Python keeps one per (rows, weights) pair, sets only the
  * activation pointers per call, and passes a single address (a 13-argument ctypes call costs several us). */
@@ -170,10 +222,11 @@ typedef struct {
     int64_t big_r;
     int64_t k;
     int64_t r;
+    int64_t threads;
     lf_output outputs[MAX_OUTPUTS];
 } lf_call;
 
 int lf_bgmv_f32_call(const lf_call *c) {
     return lf_bgmv_f32(c->x, c->x_row_stride, c->in_features, c->rows, c->slots, c->n, c->a, c->a_slot_stride,
-                       c->a_row_stride, c->big_r, c->outputs, c->k, c->r);
+                       c->a_row_stride, c->big_r, c->outputs, c->k, c->r, c->threads);
 }
