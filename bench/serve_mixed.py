@@ -225,6 +225,11 @@ def print_table(rows: list[Row], meta: dict[str, str], args: argparse.Namespace)
         console.print(
             f"{'[green]met[/green]' if met else '[red]MISSED[/red]'}  {name} = {value:.2f}x (target >= {goal}x)"
         )
+    one = next((r for r in rows if r.key == "engine-mixed-1"), None)
+    if one is not None and one.vs_base is not None:
+        console.print(
+            f"for scale: one adapter on every row (LoRA cost, no mixing cost) = {one.vs_base:.2f}x engine base"
+        )
     console.print(f"load average before/after: {meta['load_before']} / {meta['load_after']}")
     if meta["device"].startswith("CPU"):
         console.print("CPU run: compare ratios only; absolute tokens/s are indicative.")
