@@ -215,8 +215,9 @@ class RowOrder:
         self.max_row = max((row for _, row in order), default=-1)  # x and every y need more rows than this
         self.uniform = False
         self.max_macs = 0
-        # (address and shape of A, rank, addresses of the Bs) -> (call struct, its address, the kernel), or None for
-        # weights the kernel cannot take (in the slot bank, a view's address and shape fix its layout)
+        # (address and shape of A, rank, addresses of the Bs), or the caller's key -> (call struct, its address, the
+        # kernel, output widths, multiply-adds per row), or None for weights the kernel cannot take (in the slot
+        # bank, a view's address and shape fix its layout)
         self._bound: dict[tuple, tuple | None] = {}
 
     def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
