@@ -231,7 +231,8 @@ def test_an_engine_asked_for_the_native_kernel_without_it_refuses_to_start(tiny_
 
 
 @needs_kernel
-def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_shapes, tmp_path: Path) -> None:
+def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_shapes, tmp_path: Path,
+                                                             monkeypatch) -> None:  # fmt: skip
     """Same requests through an engine on the native kernel and one forced onto the PyTorch gather path: the same
     tokens, and the native engine's mixed decode steps really ran natively."""
     from adapters.random_adapter import write_random_adapter
@@ -240,7 +241,11 @@ def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_sha
     dirs = {f"n{i}": write_random_adapter(tmp_path / f"n{i}", tiny_shapes, rank=4 + 4 * (i % 3), seed=10 + i)
             for i in range(5)}  # fmt: skip
     outputs: dict[str, list[list[int]]] = {}
+    kernel_calls = []
+    kernel_apply = native_lora.RowOrder.apply
+    monkeypatch.setattr(native_lora.RowOrder, "apply", lambda *a, **k: kernel_calls.append(1) or kernel_apply(*a, **k))
     for kernel in ("auto", "gather"):
+        kernel_calls.clear()
         engine = LoraEngine(tiny_base, EngineConfig(device="cpu", max_running=8, max_loras=5, lora_kernel=kernel))
         for name, folder in dirs.items():
             engine.register_adapter(name, folder)
@@ -258,4 +263,5 @@ def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_sha
                 modes.add(engine._decode_plan[1].mode)
         outputs[kernel] = [tokens[f"r{i}"] for i in range(12)]
         assert ("native" in modes) == (kernel == "auto"), modes
+        assert bool(kernel_calls) == (kernel == "auto")  # forced gather: not even a prefill chunk goes to C
     assert outputs["auto"] == outputs["gather"]
