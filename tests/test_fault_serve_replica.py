@@ -2,7 +2,8 @@
 the session's real Ray head with two LoraModel replicas of the tiny-llama base (config.yaml's deployment settings
 otherwise); eight client threads send a bounded stream of chat requests (one client streams; base and two
 adapters) over loopback; the busier LoraModel replica's process, found with Ray's state API, is killed with
-SIGKILL while requests run on it. Serve must replace it while the other one serves.
+SIGKILL while requests run on it (a kill that happens to hit no running request is repeated, up to 3 kills). Serve
+must replace it while the other one serves.
 
 Measured and asserted: failed requests (goal <= 1%), failures left after one immediate client retry (0), and
 recovery time (kill -> the deployment back at 2 RUNNING replicas; also when the new one served its first request).
@@ -52,10 +53,12 @@ MODELS = ["tiny-llama", "ad0", "ad1"]
 PAUSE_S = 0.02  # between one client's requests: steady load, not a flood
 RECOVERY_BOUND_S = 120.0
 AFTER_RECOVERY_S = 5.0  # load kept up after the replacement serves
+MAX_KILLS = 3  # a kill that hits no running request is repeated (see the test)
 
 
 @dataclass
 class Figures:
+    kills: int = 0  # more than one when a kill hit no running request (the figures below are the last kill's)
     requests: int = 0
     in_flight_at_kill: int = 0  # on either replica
     resent_by_ingress: int = 0  # requests the ingress sent again after their replica died (from its log)
@@ -118,6 +121,10 @@ class Load:
             thread.start()
         return self
 
+    def failures(self) -> int:
+        with self.lock:
+            return sum(error is not None for _, _, error, _ in self.outcomes)
+
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         for thread in self.threads:
@@ -166,13 +173,13 @@ def test_killed_replica_under_load_is_replaced_with_few_failed_requests(
         return {replica: n for (replica,), n in totals.items()}
 
     assert replicas(local_stack, APP, MODEL) == (2, ["RUNNING", "RUNNING"])
-    before = {r["replica_id"]: r for r in replica_details(local_stack, APP, MODEL)}
-    pids = _replica_pids(local_stack)
-    assert sorted(pids) == sorted(r["actor_name"] for r in before.values()), (pids, before)
     figures = Figures()
-    with Load(url) as load:
-        wait_for("both replicas serving under load", lambda: sum(n > 0 for n in served_by_replica().values()) == 2,
-                 90, 2)  # fmt: skip
+
+    def kill_busiest_and_wait_for_its_replacement() -> tuple[float, float]:
+        """SIGKILL the replica decoding right now; fill in the figures; return (killed_at, recovered_at)."""
+        before = {r["replica_id"]: r for r in replica_details(local_stack, APP, MODEL)}
+        pids = _replica_pids(local_stack)
+        assert sorted(pids) == sorted(r["actor_name"] for r in before.values()), (pids, before)
         # The victim is the replica decoding right now (CPU time in the last second): Serve's multiplexed routing
         # can leave one replica idle for a while, and Ray's request metrics trail by several seconds.
         procs = {rid: psutil.Process(pids[r["actor_name"]]) for rid, r in before.items()}
@@ -181,17 +188,17 @@ def test_killed_replica_under_load_is_replaced_with_few_failed_requests(
         busy = {rid: proc.cpu_percent() for rid, proc in procs.items()}
         victim_id = max(busy, key=lambda rid: busy[rid])
         assert busy[victim_id] > 20, busy
-        victim = before[victim_id]
         figures.cpu_percent_before_kill = dict(sorted(busy.items(), key=lambda kv: kv[0] != victim_id))
-        os.kill(pids[victim["actor_name"]], signal.SIGKILL)
+        os.kill(pids[before[victim_id]["actor_name"]], signal.SIGKILL)
         killed_at = time.monotonic()
+        figures.kills += 1
 
         def gone() -> bool:
             states = {r["replica_id"]: r["state"] for r in replica_details(local_stack, APP, MODEL)}
             return states.get(victim_id) != "RUNNING"
 
         wait_for("Serve to notice the dead replica", gone, 60, 0.25)
-        figures.detected_s = time.monotonic() - killed_at
+        figures.detected_s = round(time.monotonic() - killed_at, 1)
 
         def replaced() -> str | None:
             now = replica_details(local_stack, APP, MODEL)
@@ -200,11 +207,22 @@ def test_killed_replica_under_load_is_replaced_with_few_failed_requests(
             return new[0] if len(running) == 2 and new else None
 
         new_id = wait_for("a new RUNNING replica", replaced, RECOVERY_BOUND_S, 0.25)
-        figures.recovery_s = time.monotonic() - killed_at
+        figures.recovery_s = round(time.monotonic() - killed_at, 1)
         assert replicas(local_stack, APP, MODEL) == (2, ["RUNNING", "RUNNING"])
         recovered_at = time.monotonic()
         wait_for("the new replica to serve requests", lambda: served_by_replica().get(new_id, 0) > 0, 60, 1)
-        figures.new_replica_serving_s = time.monotonic() - killed_at
+        figures.new_replica_serving_s = round(time.monotonic() - killed_at, 1)
+        return killed_at, recovered_at
+
+    with Load(url) as load:
+        wait_for("both replicas serving under load", lambda: sum(n > 0 for n in served_by_replica().values()) == 2,
+                 90, 2)  # fmt: skip
+        # A kill can land while the victim happens to hold no request (between two of them): that run would test
+        # nothing, so the newest replica is killed again, up to MAX_KILLS times, until a kill hits a request.
+        for _ in range(MAX_KILLS):
+            killed_at, recovered_at = kill_busiest_and_wait_for_its_replacement()
+            if _ingress_resends(local_stack) + load.failures() > 0:
+                break
         time.sleep(AFTER_RECOVERY_S)  # steady load on the recovered deployment for a little longer
     outcomes = load.outcomes
     figures.requests = len(outcomes)
@@ -215,14 +233,12 @@ def test_killed_replica_under_load_is_replaced_with_few_failed_requests(
     figures.failure_rate = round(figures.failed / max(figures.requests, 1), 4)
     figures.errors = sorted({(error or "")[:160] for _, _, error, _ in outcomes if error})
     figures.resent_by_ingress = _ingress_resends(local_stack)
-    for name in ("detected_s", "recovery_s", "new_replica_serving_s"):
-        setattr(figures, name, round(getattr(figures, name), 1))
     report = tmp_path / "serve_replica_fault.json"
     report.write_text(json.dumps(asdict(figures), indent=2))
     print(f"\nreplica killed under load: {json.dumps(asdict(figures))}\n(written to {report})", flush=True)
 
     assert figures.requests >= 300, "too little load to measure a failure rate"
-    assert figures.resent_by_ingress + figures.failed >= 1, "the kill hit no request running on that replica"
+    assert figures.resent_by_ingress + figures.failed >= 1, f"none of {figures.kills} kills hit a running request"
     assert figures.served_while_recovering > 0  # the surviving replica kept serving meanwhile
     assert figures.failure_rate <= 0.01, figures.errors
     assert figures.failed_after_retry == 0, figures.errors
