@@ -1,4 +1,4 @@
-"""The native CPU batched-LoRA kernel (`adapters/kernels/bgmv_cpu.c`): build it once, load it, call it.
+"""The native CPU batched-LoRA kernel (`adapters/kernels/`): build it once, load it, call it.
 
 On CPU, PyTorch's batched matmul costs about 1 us per matrix whatever its size, so a decode step whose 64 rows use
 32 adapters spends most of its LoRA time in per-matrix overhead (see bench/RESULTS.md). The C kernel does a whole
@@ -13,8 +13,8 @@ for any thread count.
 
 Build: plain C (no Python or torch headers), compiled with the system C compiler (`$CC`, else `cc`/`gcc`) on first
 use in about a second, cached under `~/.cache/lorafleet/kernels/` (`$LORAFLEET_KERNEL_CACHE`) by a hash of the
-source, compiler and CPU model/features (it is built with `-march=native`, so a cache shared by different
-machines keeps one build per CPU kind), and loaded with `ctypes`.
+sources (bgmv_cpu.c, the kernel; side_worker.c, the side thread), compiler and CPU model/features (built with
+`-march=native`, so a cache shared by different machines keeps one build per CPU kind), and loaded with `ctypes`.
 `LORAFLEET_NATIVE_LORA=0` turns it off. If no compiler is found or the build fails, `load()` returns None and says
 why once in the log; nothing else changes.
 
@@ -33,12 +33,17 @@ import tempfile
 from collections.abc import Hashable
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from adapters.lora_side_thread import SideWorker
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "bgmv_cpu.c"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = (KERNELS / "bgmv_cpu.c", KERNELS / "side_worker.c")  # (+ bgmv_cpu.h, which both include)
 MAX_OUTPUTS = 3  # outputs per call (q/k/v is the widest group); matches the C source
 MAX_RANK_TOTAL = 1024  # k * r per call; matches MAX_R in the C source
 
@@ -75,6 +80,17 @@ class _Call(ctypes.Structure):
     ]
 
 
+class SideCall(ctypes.Structure):
+    """`lf_side_call` in the C source: a call whose expands store into scratch rows, and the outputs that
+    `lf_worker_finish` adds them to."""
+
+    _fields_ = [
+        ("call", _Call),
+        ("target", ctypes.c_void_p * MAX_OUTPUTS),
+        ("target_row_stride", ctypes.c_int64 * MAX_OUTPUTS),
+    ]
+
+
 # compiler flags, best first: OpenMP (threads, via the libgomp PyTorch already loaded) and -march=native
 BUILD_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 
@@ -104,21 +120,26 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (atomically; concurrent builders are harmless) and return the library."""
+def build(sources: Path | tuple[Path, ...] = SOURCES) -> Path:
+    """Compile `sources` into one library in the cache (atomically; concurrent builders are harmless) and return
+    it. The cache key covers every file of their folder (headers included), the compiler and the CPU kind."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    key = hashlib.sha256(source.read_bytes() + compiler.encode() + _cpu_fingerprint().encode()
-                         + " ".join(BUILD_FLAGS[0]).encode()).hexdigest()[:16]  # fmt: skip
-    target = _cache_dir() / f"{source.stem}-{key}.so"
+    sources = (sources,) if isinstance(sources, Path) else tuple(sources)
+    folder = sources[0].parent
+    inputs = sorted({*sources, *folder.glob("*.h")})
+    key = hashlib.sha256(b"".join(path.name.encode() + path.read_bytes() for path in inputs) + compiler.encode()
+                         + _cpu_fingerprint().encode() + " ".join(BUILD_FLAGS[0]).encode()).hexdigest()[:16]  # fmt: skip
+    target = _cache_dir() / f"{sources[0].stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         for flags in BUILD_FLAGS:  # OpenMP and this CPU's instructions if the compiler can, else less
-            cmd = [compiler, "-O3", *flags, "-std=gnu11", "-shared", "-fPIC", "-o", str(out), str(source)]
+            cmd = [compiler, "-O3", *flags, "-std=gnu11", "-pthread", "-shared", "-fPIC", "-o", str(out),
+                   *map(str, sources)]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 break
@@ -154,9 +175,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("native CPU LoRA kernel unavailable, using the PyTorch paths: %s", err)
         return None, f"the native CPU kernel could not be built or loaded: {err}"
-    fn = lib.lf_bgmv_f32_call
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p]  # the address of a _Call
+    for name in ("lf_bgmv_f32_call", "lf_worker_wait", "lf_worker_start", "lf_worker_finish"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * (1 if name in ("lf_bgmv_f32_call", "lf_worker_wait") else 2)
+    lib.lf_worker_new.restype = ctypes.c_void_p
+    lib.lf_worker_new.argtypes = []
+    lib.lf_worker_free.restype = None
+    lib.lf_worker_free.argtypes = [ctypes.c_void_p]
     return lib, None
 
 
@@ -183,7 +209,7 @@ _templates: dict[tuple, _Call | None] = {}
 _MAX_TEMPLATES = 4096
 
 
-def _template(a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> _Call | None:
+def template(a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> _Call | None:
     key = (a.data_ptr(), a.dtype, a.device, a.shape, a.stride(), rank,
            *[(b.data_ptr(), b.dtype, b.device, b.shape, b.stride()) for _, b in outputs])  # fmt: skip
     if key in _templates:
@@ -219,6 +245,8 @@ class RowOrder:
         # kernel, output widths, multiply-adds per row), or None for weights the kernel cannot take (in the slot
         # bank, a view's address and shape fix its layout)
         self._bound: dict[tuple, tuple | None] = {}
+        self._side_rows = (self.rows, self.slots, self.count, self.max_row + 1, 0, self.rows.data_ptr(),
+                           self.slots.data_ptr())  # fmt: skip
 
     def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
               key: Hashable | None = None) -> bool:  # fmt: skip
@@ -243,10 +271,10 @@ class RowOrder:
             call.n = rows_needed = n
         else:
             rows_needed = self.max_row + 1
-        if not _fits(x, call.in_features, rows_needed):
+        if not fits(x, call.in_features, rows_needed):
             return False
         for (y, _), width in zip(outputs, widths, strict=True):
-            if not _fits(y, width, rows_needed):
+            if not fits(y, width, rows_needed):
                 return False
         for slot, (y, _) in zip(call.outputs, outputs, strict=False):  # (the struct has MAX_OUTPUTS slots)
             slot.y, slot.y_row_stride = y.data_ptr(), y.stride(0)
@@ -256,18 +284,36 @@ class RowOrder:
             raise ValueError(f"native LoRA kernel refused the shapes (R={a.shape[1]}, outputs={len(outputs)})")
         return True
 
-    def _bind(self, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple | None:
-        template = _template(a, outputs, rank)
-        if template is None:
+    def side_rows(self, x_rows: int) -> tuple | None:
+        """What `SideWorker.start` needs to know of these rows for an x of `x_rows` rows: (rows, slots, n,
+        rows x and every output need, multiply-add limit or 0, rows' address, slots' address); None if the plan
+        cannot take that x. Made once per forward, shared by its calls."""
+        if not self.uniform:
+            return self._side_rows
+        if x_rows > self.count:
             return None
-        call = _Call.from_buffer_copy(template)
+        return self.rows, self.slots, x_rows, x_rows, self.max_macs, self._side_rows[5], self._side_rows[6]
+
+    def start(self, worker: SideWorker, x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
+              key: Hashable | None = None) -> bool:  # fmt: skip
+        """Start the LoRA of `x` for these rows on `worker`'s thread (see `lora_side_thread`): the deltas go to
+        scratch rows, and `worker.finish(ys)` adds them to the outputs once the caller has made them. Returns
+        False, having started nothing, where `apply` would refuse the tensors. `key` as for `apply`."""
+        rows = self.side_rows(x.shape[0])
+        return rows is not None and worker.start(x, (a, bs, rank, key), rows)
+
+    def _bind(self, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple | None:
+        found = template(a, outputs, rank)
+        if found is None:
+            return None
+        call = _Call.from_buffer_copy(found)
         call.rows, call.slots, call.n = self.rows.data_ptr(), self.slots.data_ptr(), self.count
         kernel = load().lf_bgmv_f32_call  # type: ignore[union-attr]
         widths = tuple(b.shape[1] for _, b in outputs)
         return call, ctypes.addressof(call), kernel, widths, a.shape[1] * a.shape[2] + rank * sum(widths)
 
 
-def _fits(t: torch.Tensor, width: int, rows: int) -> bool:
+def fits(t: torch.Tensor, width: int, rows: int) -> bool:
     """CPU float32 [N >= rows, width] with contiguous rows."""
     shape = t.shape
     return (t.dtype is torch.float32 and len(shape) == 2 and shape[1] == width and shape[0] >= rows and t.is_cpu

@@ -2,6 +2,9 @@
 
 Same process, same engine, same prompts, same number of new tokens in every case; generated tokens/s for
   - engine, base only                    (no adapter: the engine's normal base path)
+  - engine, base only, no side thread    (CPU, when the engine runs LoRA on a side thread, which takes one of
+                                          PyTorch's threads: the base with every thread; the ratios use the
+                                          faster of the two base-only cases)
   - engine, N mixed adapters             (requests round-robin over N adapters, all in flight together)
   - PEFT mixed batch                     (`model.generate(..., adapter_names=[...])`, left-padded, largest N)
   - PEFT swap per adapter                (group requests by adapter; `set_adapter` + `generate` per group)
@@ -11,7 +14,8 @@ time includes prefill. Adapters are random rank-`--rank` PEFT adapters on all se
 temp dir. After one short warm-up pass of every case, the cases run interleaved `--repeats` times (the order
 rotates each repeat, so slow phases of a shared machine hit every case); the table shows medians of wall-clock
 tokens/s, and the last column the ratio by process CPU time, which other processes on a shared machine inflate
-far less (use it with `--threads 1`: with more threads, spin-waiting counts as CPU time).
+far less (use it with `--threads 1`: with more threads, spin-waiting counts as CPU time, the side thread's
+included). PEFT and HF cases always run with every thread the run started with.
 
     python -m bench.serve_mixed                                  # tiny-llama on CPU, 64 requests, N = 1, 8, 32
     python -m bench.serve_mixed --threads 1 --repeats 9 --json bench-cpu.json
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -45,6 +50,7 @@ from bench.workload import Workload, adapter_names, chat_prompts, round_robin, w
 from serve_app.engine import EngineConfig, LoraEngine
 
 BASE_KEY = "engine-base"
+PLAIN_BASE_KEY = "engine-base-all-threads"
 TARGET_VS_BASE = 0.8
 TARGET_VS_PEFT = 5.0
 
@@ -117,35 +123,60 @@ def build_cases(args: argparse.Namespace, adapter_root: Path) -> tuple[list[Case
         prefill_chunk=args.prefill_chunk,
         lora_kernel=args.kernel,
     )
+    threads = torch.get_num_threads()
     engine = LoraEngine(base, config)
     for name, folder in dirs.items():
         engine.register_adapter(name, folder)
     runner = EngineRunner(engine)
     peft = PeftRunner(peft_model(model, dirs), base.tokenizer.pad_token_id)
+    everything = _on_threads(threads)  # the references get every thread the run started with
 
     base_work = Workload("base", prompts, round_robin(args.requests, []), args.max_new_tokens)
     names = adapter_names(largest)
     cases = [Case(BASE_KEY, "engine, base only", base_work, runner.run)]
+    side = engine.runner.side is not None
+    if side:  # the engine gave a PyTorch thread to its LoRA side thread: also time the base without that trade
+        plain = EngineRunner(LoraEngine(base, config.model_copy(update={"lora_overlap": "off"})))
+        label = f"engine, base only, no side thread ({threads} PyTorch threads)"
+        cases.append(Case(PLAIN_BASE_KEY, label, base_work, everything(plain.run)))
     for n in args.adapter_counts:
         work = base_work.with_adapters(f"mixed-{n}", round_robin(args.requests, names[:n]))
         cases.append(Case(f"engine-mixed-{n}", f"engine, {work.distinct_adapters} mixed adapters", work, runner.run))
     widest = base_work.with_adapters(f"mixed-{largest}", round_robin(args.requests, names))
     n = widest.distinct_adapters
-    cases.append(Case("peft-mixed", f"PEFT adapter_names batch, {n} adapters", widest, peft.mixed))
-    cases.append(Case("peft-swap", f"PEFT set_adapter per group, {n} adapters", widest, peft.swap))
+    cases.append(Case("peft-mixed", f"PEFT adapter_names batch, {n} adapters", widest, everything(peft.mixed)))
+    cases.append(Case("peft-swap", f"PEFT set_adapter per group, {n} adapters", widest, everything(peft.swap)))
     if not args.no_hf_base:
-        cases.append(Case("hf-base", "HF generate, base only", base_work, peft.base))
+        cases.append(Case("hf-base", "HF generate, base only", base_work, everything(peft.base)))
     meta = {
         "base": base.name,
         "device": _device_name(device),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "torch": torch.__version__,
-        "threads": str(torch.get_num_threads()),
+        "threads": str(threads),
+        "lora_side_thread": f"on (PyTorch {torch.get_num_threads()} + 1 LoRA thread)" if side else "off",
         "kernel": args.kernel,
         "date": dt.date.today().isoformat(),
         "prompt_tokens": f"{min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}",
     }
     return cases, meta
+
+
+def _on_threads(threads: int) -> Callable[[Callable[[Workload], Sample]], Callable[[Workload], Sample]]:
+    """Wrap a case's run so it runs with `threads` PyTorch threads (then restores the engine's count)."""
+
+    def wrap(run: Callable[[Workload], Sample]) -> Callable[[Workload], Sample]:
+        def on_threads(work: Workload) -> Sample:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return run(work)
+            finally:
+                torch.set_num_threads(before)
+
+        return on_threads
+
+    return wrap
 
 
 def _auto_device() -> str:
@@ -155,7 +186,7 @@ def _auto_device() -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def measure(cases: list[Case], repeats: int, log: Callable[[str], None]) -> dict[str, list[Sample]]:
@@ -177,7 +208,10 @@ def measure(cases: list[Case], repeats: int, log: Callable[[str], None]) -> dict
 def summarize(cases: list[Case], samples: dict[str, list[Sample]]) -> list[Row]:
     medians = {key: statistics.median(s.tokens_per_s for s in runs) for key, runs in samples.items()}
     cpu = {key: statistics.median(s.tokens_per_cpu_s for s in runs) for key, runs in samples.items()}
-    base, peft, base_cpu = medians.get(BASE_KEY), medians.get("peft-mixed"), cpu.get(BASE_KEY)
+    # the engine's base-only speed: the faster of with and without the LoRA side thread's PyTorch thread
+    base = max((medians[k] for k in (BASE_KEY, PLAIN_BASE_KEY) if k in medians), default=None)
+    base_cpu = max((cpu[k] for k in (BASE_KEY, PLAIN_BASE_KEY) if k in cpu), default=None)
+    peft = medians.get("peft-mixed")
     rows = []
     for case in cases:
         rates = [s.tokens_per_s for s in samples[case.key]]
@@ -250,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
         cases, meta = build_cases(args, Path(tmp))
+        gc.collect()
+        gc.freeze()  # as a serving replica does after start-up: the models are not garbage, skip them in GC passes
         meta["load_before"] = _load()
         samples = measure(cases, args.repeats, print)
         meta["load_after"] = _load()

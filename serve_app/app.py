@@ -12,6 +12,7 @@ engine (see serve_app/engine).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,6 +54,8 @@ class LoraModel:
         if cpus and not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(cpus)))  # replicas sharing a node must not oversubscribe its cores
         self.service = service = ModelService(cfg, metrics=RayMetrics())
+        gc.collect()
+        gc.freeze()  # the model, tokenizer and engine live as long as the replica: keep them out of every GC pass
 
         async def load_adapter(adapter_id: str) -> _AdapterHandle:  # a closure: Serve sets attributes on it
             await service.load_adapter(adapter_id)

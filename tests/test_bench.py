@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from bench import serve_mixed
-from bench.serve_mixed import BASE_KEY, Row, targets
+from bench.runners import Sample
+from bench.serve_mixed import BASE_KEY, PLAIN_BASE_KEY, Case, Row, summarize, targets
+from bench.workload import Workload
 
 
 def test_a_small_run_covers_every_case_with_the_same_tokens(tmp_path: Path, capsys) -> None:
@@ -58,3 +60,18 @@ def test_bad_arguments_are_refused_by_name(args: list[str], named: str, capsys) 
     with pytest.raises(SystemExit) as exit_info:
         serve_mixed.parse_args(args)
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_ratios_use_the_faster_base_only_case() -> None:
+    """With the LoRA side thread the engine's own base-only run has one PyTorch thread fewer; the ratios are taken
+    against the faster of it and the all-threads engine, whichever that is."""
+    work = Workload("w", [[1, 2]], [None], 4)
+    mixed = work.with_adapters("m", ["a"])
+    cases = [Case(BASE_KEY, "base", work, None), Case(PLAIN_BASE_KEY, "plain", work, None),  # type: ignore[arg-type]
+             Case("engine-mixed-1", "mixed", mixed, None)]  # type: ignore[arg-type]  # fmt: skip
+    for plain_seconds, want in ((1.0, 0.4), (4.0, 0.8)):  # tokens/s: base 50, plain 100 or 25, mixed 40
+        samples = {BASE_KEY: [Sample(100, 2.0, 2.0, 0)], PLAIN_BASE_KEY: [Sample(100, plain_seconds, 1.0, 0)],
+                   "engine-mixed-1": [Sample(100, 2.5, 2.5, 1)]}  # fmt: skip
+        rows = {r.key: r for r in summarize(cases, samples)}
+        faster = max(100 / 2.0, 100 / plain_seconds)
+        assert rows["engine-mixed-1"].vs_base == pytest.approx((100 / 2.5) / faster) == pytest.approx(want)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from peft_reference import chat_ids, engine_greedy, peft_greedy
 
+from adapters import native_lora
 from adapters.lora_files import AdapterRejected
 from adapters.random_adapter import write_random_adapter
 from serve_app.engine import EngineConfig, LoraEngine, RequestRejected, SamplingParams
@@ -36,13 +37,18 @@ def _engine(base, dirs: dict[str, Path], **config) -> LoraEngine:
     return engine
 
 
-@pytest.mark.parametrize("kernel", ["auto", "gather", "grouped"])  # auto = the native C kernel on CPU (if built)
+# auto = the native C kernel on CPU (if built), in place or with LoRA on the side thread
+@pytest.mark.parametrize("kernel", ["auto", "auto-side", "gather", "grouped"])
 def test_mixed_batch_equals_peft_token_for_token(tiny_base, adapter_dirs, kernel: str) -> None:
     names = [None, *ADAPTERS]
     requests = [(chat_ids(tiny_base.tokenizer, p), names[(i + j) % len(names)])
                 for i, p in enumerate(PROMPTS) for j in range(3)]  # fmt: skip
     max_new = 24
-    engine = _engine(tiny_base, adapter_dirs, max_running=6, max_loras=4, prefill_chunk=16, lora_kernel=kernel)
+    overlap = "on" if kernel == "auto-side" else "off"
+    if overlap == "on" and not native_lora.available():
+        pytest.skip(f"the side thread needs the native kernel: {native_lora.unavailable_reason()}")
+    engine = _engine(tiny_base, adapter_dirs, max_running=6, max_loras=4, prefill_chunk=16,
+                     lora_kernel=kernel.removesuffix("-side"), lora_overlap=overlap)  # fmt: skip
     want = peft_greedy(tiny_base, adapter_dirs, requests, max_new, engine.eos_ids)
     got, most_mixed = engine_greedy(engine, requests, max_new)
     assert got == want
@@ -53,6 +59,7 @@ def test_mixed_batch_equals_peft_token_for_token(tiny_base, adapter_dirs, kernel
                if name and tuple(ids) in by_prompt_base]  # fmt: skip
     assert differs and all(differs)  # adapters really change the output
     assert engine.stats().running == 0 and not engine.has_work()
+    assert (engine.runner.side is not None and engine.runner.side.calls > 0) == (overlap == "on")
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_base, adapter_dirs) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from peft_reference import chat_ids, engine_greedy, peft_greedy
 
+from adapters import native_lora
 from adapters.lora_files import BaseShapes
 from adapters.random_adapter import write_random_adapter
 from serve_app.engine import EngineConfig, LoraEngine
@@ -24,8 +25,10 @@ def test_smollm2_mixed_batch_equals_peft(smollm2_base, tmp_path) -> None:
     requests = [
         (chat_ids(smollm2_base.tokenizer, p), names[(i + j) % 5]) for i, p in enumerate(prompts) for j in range(3)
     ]
+    # on CPU: the native kernel with LoRA on the side thread (the default path of a replica with 2+ cores)
+    overlap = "on" if native_lora.available() and smollm2_base.model.device.type == "cpu" else "auto"
     engine = LoraEngine(smollm2_base, EngineConfig(max_running=8, max_loras=4, max_lora_rank=16, max_seq_len=256,
-                                                   prefill_chunk=32))  # fmt: skip
+                                                   prefill_chunk=32, lora_overlap=overlap))  # fmt: skip
     for name, folder in dirs.items():
         engine.register_adapter(name, folder)
     max_new = 12
@@ -34,3 +37,5 @@ def test_smollm2_mixed_batch_equals_peft(smollm2_base, tmp_path) -> None:
     assert got == want
     assert most_mixed >= 4
     assert len({tuple(w) for w in want}) > len(prompts)  # adapters changed some answers
+    if overlap == "on":
+        assert engine.runner.side.calls > 0

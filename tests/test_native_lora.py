@@ -233,20 +233,25 @@ def test_an_engine_asked_for_the_native_kernel_without_it_refuses_to_start(tiny_
 @needs_kernel
 def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_shapes, tmp_path: Path,
                                                              monkeypatch) -> None:  # fmt: skip
-    """Same requests through an engine on the native kernel and one forced onto the PyTorch gather path: the same
-    tokens, and the native engine's mixed decode steps really ran natively."""
+    """Same requests through an engine on the native kernel (in place, and on the LoRA side thread) and one forced
+    onto the PyTorch gather path: the same tokens; the native engines' mixed decode steps really ran natively, on
+    the thread asked for, and the gather engine sent nothing to C."""
+    from adapters.lora_side_thread import SideWorker
     from adapters.random_adapter import write_random_adapter
     from serve_app.engine import EngineConfig, LoraEngine, SamplingParams
 
     dirs = {f"n{i}": write_random_adapter(tmp_path / f"n{i}", tiny_shapes, rank=4 + 4 * (i % 3), seed=10 + i)
             for i in range(5)}  # fmt: skip
     outputs: dict[str, list[list[int]]] = {}
-    kernel_calls = []
-    kernel_apply = native_lora.RowOrder.apply
-    monkeypatch.setattr(native_lora.RowOrder, "apply", lambda *a, **k: kernel_calls.append(1) or kernel_apply(*a, **k))
-    for kernel in ("auto", "gather"):
-        kernel_calls.clear()
-        engine = LoraEngine(tiny_base, EngineConfig(device="cpu", max_running=8, max_loras=5, lora_kernel=kernel))
+    calls: dict[str, list[int]] = {"apply": [], "start": []}
+    for method, owner in (("apply", native_lora.RowOrder), ("start", SideWorker)):
+        original = getattr(owner, method)
+        monkeypatch.setattr(owner, method, lambda *a, _o=original, _m=method, **k: calls[_m].append(1) or _o(*a, **k))
+    for kernel, overlap in (("auto", "off"), ("auto", "on"), ("gather", "auto")):
+        for made in calls.values():
+            made.clear()
+        config = EngineConfig(device="cpu", max_running=8, max_loras=5, lora_kernel=kernel, lora_overlap=overlap)
+        engine = LoraEngine(tiny_base, config)
         for name, folder in dirs.items():
             engine.register_adapter(name, folder)
         names = [None, *dirs]
@@ -261,7 +266,12 @@ def test_the_engine_decodes_mixed_batches_through_the_kernel(tiny_base, tiny_sha
                     tokens.setdefault(out.request_id, []).append(out.token_id)
             if engine._decode_plan is not None:
                 modes.add(engine._decode_plan[1].mode)
-        outputs[kernel] = [tokens[f"r{i}"] for i in range(12)]
+        outputs[f"{kernel}/{overlap}"] = [tokens[f"r{i}"] for i in range(12)]
         assert ("native" in modes) == (kernel == "auto"), modes
-        assert bool(kernel_calls) == (kernel == "auto")  # forced gather: not even a prefill chunk goes to C
-    assert outputs["auto"] == outputs["gather"]
+        side = engine.runner.side
+        assert (side is not None) == (overlap == "on")
+        if overlap == "on":  # every C call went through the side thread
+            assert calls["start"] and not calls["apply"] and side.calls == len(calls["start"])
+        else:  # in place; forced gather: not even a prefill chunk goes to C
+            assert not calls["start"] and bool(calls["apply"]) == (kernel == "auto")
+    assert outputs["auto/off"] == outputs["gather/auto"] == outputs["auto/on"]

@@ -12,14 +12,11 @@
  * With OpenMP (-fopenmp: the same libgomp PyTorch loads, so the same thread pool) a call with enough work splits its
  * rows across threads.
  *
- *     cc -O3 -march=native -fopenmp -shared -fPIC -o bgmv_cpu.so bgmv_cpu.c
+ *     cc -O3 -march=native -fopenmp -pthread -shared -fPIC -o bgmv_cpu.so bgmv_cpu.c side_worker.c
  */
-#include <stdint.h>
-#include <string.h>
+#include "bgmv_cpu.h"
 
-#define TILE 4
-#define MAX_OUTPUTS 3
-#define MAX_R 1024
+#include <string.h>
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2 /* distinct slots whose weights are being fetched while one computes */
 #endif
@@ -33,15 +30,6 @@
 
 typedef float v8 __attribute__((vector_size(32), aligned(4))); /* 8 floats, unaligned loads and stores */
 
-typedef struct {
-    float *y;               /* [N, out] output rows, updated in place */
-    int64_t y_row_stride;   /* elements between rows of y (columns contiguous) */
-    const float *b;         /* slot 0's Bt */
-    int64_t b_slot_stride;  /* elements between slots */
-    int64_t b_row_stride;   /* elements between rows of one slot's Bt [r, out] */
-    int64_t out;
-} lf_output;
-
 /* Columns c..c+8*NV of out[u] (+)= in[u] @ w for u < M: the M*NV accumulators stay in registers (M and NV are
  * compile-time constants, so the loops unroll) while the loop walks w's rows; each weight is loaded once for the
  * whole run of rows. */
@@ -52,7 +40,7 @@ typedef struct {
         const float *x[M];                                                                                      \
         for (int u = 0; u < M; u++) {                                                                           \
             x[u] = in[u];                                                                                       \
-            for (int v = 0; v < NV; v++) acc[u][v] = accumulate ? *(const v8 *)(out[u] + c + 8 * v) : (v8){0}; \
+            for (int v = 0; v < NV; v++) acc[u][v] = (v8){0};                                                   \
         }                                                                                                       \
         for (int64_t i = 0; i < depth; i++) {                                                                   \
             const float *wi = w + i * w_stride + c;                                                             \
@@ -64,7 +52,8 @@ typedef struct {
             }                                                                                                   \
         }                                                                                                       \
         for (int u = 0; u < M; u++)                                                                             \
-            for (int v = 0; v < NV; v++) *(v8 *)(out[u] + c + 8 * v) = acc[u][v];                              \
+            for (int v = 0; v < NV; v++)                                                                        \
+                *(v8 *)(out[u] + c + 8 * v) = accumulate ? *(v8 *)(out[u] + c + 8 * v) + acc[u][v] : acc[u][v];  \
     }
 #define DEFINE_BLOCKS(M) DEFINE_BLOCK(M, 1) DEFINE_BLOCK(M, 2) DEFINE_BLOCK(M, 4)
 DEFINE_BLOCKS(1)
@@ -81,7 +70,8 @@ static const block_fn BLOCKS[TILE + 1][3] = {
     {block_4_1, block_4_2, block_4_4},
 };
 
-/* out[u][c] = (accumulate ? out[u][c] : 0) + sum_i in[u][i] * w[i * w_stride + c], for u < m, c < cols.
+/* out[u][c] = (accumulate ? out[u][c] : 0) + sum_i in[u][i] * w[i * w_stride + c], for u < m, c < cols: the sum is
+ * formed from zero and then added (y + delta, PEFT's order; the side thread's scratch-then-add gives the same bits).
  * Blocks of 32 columns for runs of 1-2 rows, 16 for longer runs (enough independent accumulators to hide the
  * FMA latency, few enough to stay in the 16 vector registers), then 8, then single columns. */
 static inline void small_gemm(int64_t m, const float *const *in, int64_t depth, const float *w, int64_t w_stride,
@@ -93,9 +83,9 @@ static inline void small_gemm(int64_t m, const float *const *in, int64_t depth, 
     for (; c + 8 <= cols; c += 8) BLOCKS[m][0](in, depth, w, w_stride, out, c, accumulate);
     for (; c < cols; c++) {
         for (int64_t u = 0; u < m; u++) {
-            float acc = accumulate ? out[u][c] : 0.0f;
+            float acc = 0.0f;
             for (int64_t i = 0; i < depth; i++) acc += in[u][i] * w[i * w_stride + c];
-            out[u][c] = acc;
+            out[u][c] = accumulate ? out[u][c] + acc : acc;
         }
     }
 }
@@ -106,7 +96,7 @@ static inline void prefetch_matrix(const float *w, int64_t rows, int64_t stride,
         for (int64_t c = 0; c < cols; c += 16) __builtin_prefetch(w + i * stride + c, 0, PREFETCH_HINT);
 }
 
-static inline void prefetch_slot(int64_t slot, const float *a, int64_t a_slot_stride, int64_t in_features,
+void prefetch_slot(int64_t slot, const float *a, int64_t a_slot_stride, int64_t in_features,
                                  int64_t a_row_stride, int64_t big_r, const lf_output *outputs, int64_t k, int64_t r) {
     prefetch_matrix(a + slot * a_slot_stride, in_features, a_row_stride, big_r);
     for (int64_t j = 0; j < k; j++)
@@ -120,9 +110,9 @@ static inline int64_t next_slot_start(const int64_t *slots, int64_t n, int64_t i
 }
 
 /* Rows t = 0..n-1 of one call (rows/slots already offset to a thread's share), on one thread. */
-static void bgmv_rows(const float *x, int64_t x_row_stride, int64_t in_features, const int64_t *rows,
+void bgmv_rows(const float *x, int64_t x_row_stride, int64_t in_features, const int64_t *rows,
                       const int64_t *slots, int64_t n, const float *a, int64_t a_slot_stride, int64_t a_row_stride,
-                      int64_t big_r, const lf_output *outputs, int64_t k, int64_t r) {
+                      int64_t big_r, const lf_output *outputs, int64_t k, int64_t r, int store) {
     float h[TILE][MAX_R];
     const float *xs[TILE];
     float *hs[TILE];
@@ -154,7 +144,7 @@ static void bgmv_rows(const float *x, int64_t x_row_stride, int64_t in_features,
                 hj[u] = h[u] + j * r;
                 ys[u] = o->y + rows[t + u] * o->y_row_stride;
             }
-            small_gemm(m, hj, r, o->b + slot * o->b_slot_stride, o->b_row_stride, o->out, ys, 1);
+            small_gemm(m, hj, r, o->b + slot * o->b_slot_stride, o->b_row_stride, o->out, ys, !store);
         }
         t += m;
     }
@@ -196,36 +186,18 @@ int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const
             const int64_t lo = start[part], hi = start[part + 1];
             if (lo < hi)
                 bgmv_rows(x, x_row_stride, in_features, rows + lo, slots + lo, hi - lo, a, a_slot_stride,
-                          a_row_stride, big_r, outputs, k, r);
+                          a_row_stride, big_r, outputs, k, r, 0);
         }
         return 0;
     }
 #else
     (void)threads;
 #endif
-    bgmv_rows(x, x_row_stride, in_features, rows, slots, n, a, a_slot_stride, a_row_stride, big_r, outputs, k, r);
+    bgmv_rows(x, x_row_stride, in_features, rows, slots, n, a, a_slot_stride, a_row_stride, big_r, outputs, k, r, 0);
     return 0;
 }
 
-/* The same call with its arguments in one struct: Python keeps one per (rows, weights) pair, sets only the
- * activation pointers per call, and passes a single address (a 13-argument ctypes call costs several us). */
-typedef struct {
-    const float *x;
-    int64_t x_row_stride;
-    int64_t in_features;
-    const int64_t *rows;
-    const int64_t *slots;
-    int64_t n;
-    const float *a;
-    int64_t a_slot_stride;
-    int64_t a_row_stride;
-    int64_t big_r;
-    int64_t k;
-    int64_t r;
-    int64_t threads;
-    lf_output outputs[MAX_OUTPUTS];
-} lf_call;
-
+/* The call with its arguments in one struct (lf_call, bgmv_cpu.h). */
 int lf_bgmv_f32_call(const lf_call *c) {
     return lf_bgmv_f32(c->x, c->x_row_stride, c->in_features, c->rows, c->slots, c->n, c->a, c->a_slot_stride,
                        c->a_row_stride, c->big_r, c->outputs, c->k, c->r, c->threads);

@@ -32,3 +32,10 @@ class EngineConfig(BaseModel):
         description="mixed-adapter LoRA path (adapters/batched_lora.py): auto = the native C kernel on CPU float32 "
         "when it builds, else gather/grouped by size; native requires the kernel; triton = auto",
     )
+    lora_overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="CPU float32 on the native kernel: each projection group's LoRA runs on a worker thread while "
+        "the base matmuls run (adapters/lora_side_thread.py). auto: with at least 2 PyTorch threads, measured at "
+        "start-up against LoRA in place and kept if faster, taking one of PyTorch's threads "
+        "(serve_app/engine/lora_overlap.py); on: always, PyTorch's threads left as they are; off: never",
+    )

@@ -24,6 +24,7 @@ from adapters.base_models import LoadedBase, QuantizationConfig, load_base, torc
 from adapters.batched_lora import LoraBatch
 from adapters.lora_files import BaseShapes, LoraWeights, read_lora
 from adapters.slot_bank import LoraSlotBank
+from serve_app.engine import lora_overlap
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.kv_cache import KVCache
@@ -86,6 +87,9 @@ class LoraEngine:
         elif self.lora_kernel == "auto" and self.device.type == "cpu" and dtype == torch.float32:
             native_lora.available()  # build the CPU kernel now (about a second, cached), not in a request
         self.runner = ModelRunner(model, self.kv, self.bank)
+        native = self.lora_kernel in ("auto", "native") and self.device.type == "cpu" and dtype == torch.float32
+        self.runner.side = lora_overlap.choose(config.lora_overlap, native, self.runner, config.max_running,
+                                               config.max_loras, config.prefill_chunk, self.lora_kernel)  # fmt: skip
         self.scheduler = Scheduler(config.max_loras, config.starvation_s)
         self.adapters: dict[str, LoraWeights] = {}
         self._unregister_when_idle: set[str] = set()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adapters.batched_lora import LoraBatch
+from adapters.lora_side_thread import SideWorker
 from adapters.slot_bank import GROUPS, LoraSlotBank
 from serve_app.engine.kv_cache import KVCache
 
@@ -26,7 +27,7 @@ class UnsupportedModel(ValueError):
 
 
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVCache, bank: LoraSlotBank) -> None:
+    def __init__(self, model: Any, kv: KVCache, bank: LoraSlotBank, side: SideWorker | None = None) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(
@@ -48,39 +49,47 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.vocab_size = config.vocab_size
-        # per layer and projection group: (A, [B of each output]) views of the slot bank, made once
-        self._lora_views = [{g: (bank.a[g][i], [bank.b[p][i] for p in projs]) for g, projs in GROUPS.items()}
-                            for i in range(len(self.layers))]  # fmt: skip
+        self.side = side  # LoRA of each group starts on this thread before the base matmuls (lora_side_thread)
+        self._side_rows: tuple | None = None  # this forward's rows for the side thread (None: LoRA in place)
+        # per layer and projection group: (A, [B of each output]) views of the slot bank, rank, key; made once
+        self._lora_views = [{g: (bank.a[g][i], [bank.b[p][i] for p in projs], bank.rank, (i, g))
+                             for g, projs in GROUPS.items()} for i in range(len(self.layers))]  # fmt: skip
 
     # -- one decoder layer, shared by decode and prefill -----------------------------------------------------
-    def _lora(self, lora: LoraBatch | None, index: int, group: str, x: torch.Tensor, *ys: torch.Tensor) -> None:
-        """ys += the rows' LoRA deltas of projection group `group` of layer `index` (input x)."""
-        if lora is None or not lora.active:
-            return
-        a, bs = self._lora_views[index][group]
-        lora.apply(x, a, list(zip(ys, bs, strict=True)), self.bank.rank, (index, group))
+    def _lora(self, lora: LoraBatch | None, view: tuple, x: torch.Tensor, *ys: torch.Tensor) -> None:
+        """ys += the rows' LoRA deltas of one projection group (`view`: its weights) of input x, in place."""
+        if lora is not None and lora.active:
+            a, bs, rank, key = view
+            lora.apply(x, a, list(zip(ys, bs, strict=True)), rank, key)
 
     def _layer(self, index: int, h: torch.Tensor, cos_sin: tuple, attend, lora: LoraBatch | None) -> torch.Tensor:
+        """One decoder layer. Each projection group's LoRA either starts on the side thread before the group's
+        base matmuls and is added after them (`side.start` / `side.finish`), or is applied in place after them."""
         layer = self.layers[index]
         attn, mlp = layer.self_attn, layer.mlp
+        views, rows, side = self._lora_views[index], self._side_rows, self.side
         x = layer.input_layernorm(h)
+        started = rows is not None and side.start(x, views["qkv"], rows)  # type: ignore[union-attr]
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        self._lora(lora, index, "qkv", x, q, k, v)
+        side.finish((q, k, v)) if started else self._lora(lora, views["qkv"], x, q, k, v)  # type: ignore[union-attr]
         n = h.shape[0]
         q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # [1, H, n, d]
         k = k.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
         v = v.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         out = attend(index, q, k, v)  # [n, H * d]
+        started = rows is not None and side.start(out, views["o"], rows)  # type: ignore[union-attr]
         o = attn.o_proj(out)
-        self._lora(lora, index, "o", out, o)
+        side.finish((o,)) if started else self._lora(lora, views["o"], out, o)  # type: ignore[union-attr]
         h = h + o
         x = layer.post_attention_layernorm(h)
+        started = rows is not None and side.start(x, views["gate_up"], rows)  # type: ignore[union-attr]
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        self._lora(lora, index, "gate_up", x, gate, up)
+        side.finish((gate, up)) if started else self._lora(lora, views["gate_up"], x, gate, up)  # type: ignore[union-attr]
         act = mlp.act_fn(gate) * up
+        started = rows is not None and side.start(act, views["down"], rows)  # type: ignore[union-attr]
         down = mlp.down_proj(act)
-        self._lora(lora, index, "down", act, down)
+        side.finish((down,)) if started else self._lora(lora, views["down"], act, down)  # type: ignore[union-attr]
         return h + down
 
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +123,7 @@ class ModelRunner:
 
         h = self.embed(tokens)
         cos_sin = self._rope(h, positions)
+        self._side_rows = lora.side_rows(rows) if self.side is not None and lora is not None else None
         for index in range(len(self.layers)):
             h = self._layer(index, h, cos_sin, attend, lora)
         return self._logits(h)
@@ -140,6 +150,7 @@ class ModelRunner:
 
         h = self.embed(tokens)
         cos_sin = self._rope(h, positions)
+        self._side_rows = lora.side_rows(count) if self.side is not None and lora is not None else None
         for index in range(len(self.layers)):
             h = self._layer(index, h, cos_sin, attend, lora)
         return self._logits(h[-1:])[0]
