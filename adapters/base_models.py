@@ -108,6 +108,19 @@ def _bnb_config(quant: QuantizationConfig, device: str):
     )
 
 
+def _one_bnb_cpu_path(model: Any) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks each 4-bit layer on its first inference forward and
+    computes it in bfloat16 from then on. That repacking fails ("shape ... is invalid") for layers whose in_features
+    is not a multiple of the quantization block (the tiny test model's down_proj: 160 inputs, blocks of 64), and it
+    makes a model's outputs depend on which CPU kind a replica landed on. Every 4-bit layer keeps bitsandbytes'
+    generic CPU path instead: the same numbers on every CPU (CPU 4-bit is for development; GPUs serve QLoRA)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(
     ref: str,
     quantization: QuantizationConfig | None = None,
@@ -132,6 +145,8 @@ def load_base(
         raise BaseModelNotFound(f"base model '{ref}' could not be loaded{offline}: {err}") from err
     if quant.mode != "nf4":
         model.to(device)
+    elif str(device).split(":")[0] == "cpu":
+        _one_bnb_cpu_path(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -75,8 +75,14 @@ def test_nf4_loads_and_runs_on_cpu() -> None:
     assert base.quantized
     assert isinstance(base.model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     full = load_base("tiny-llama")
+    other = load_base(str(tiny_llama_dir(seed=1)))  # the same architecture, other weights
     ids = torch.tensor([[256, 5, 6, 7, 8]])
     with torch.no_grad():
-        a, b = base.model(ids).logits, full.model(ids).logits
-    cosine = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-    assert not torch.equal(a, b) and cosine > 0.9  # quantised (not identical) but the same model
+        a, b, c = base.model(ids).logits, full.model(ids).logits, other.model(ids).logits
+
+    def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0))
+
+    # quantised (not identical) but the same model: close to its own full-precision logits (0.90-0.95 on the CPUs
+    # seen so far; the tiny model's wide random init is hard on 4 bits), unrelated to another model's
+    assert not torch.equal(a, b) and cosine(a, b) > 0.8 and abs(cosine(a, c)) < 0.3
