@@ -33,14 +33,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
 from adapters import native_lora
-
-if TYPE_CHECKING:
-    from adapters.lora_side_thread import SideWorker
 
 Mode = Literal["none", "single", "gather", "grouped", "native"]
 Kernel = Literal["auto", "native", "gather", "grouped"]
@@ -303,13 +300,6 @@ class LoraBatch:
         if self.mode == "single" and self._uniform is not None:
             return self._uniform.side_rows(x_rows)
         return None
-
-    def start(self, worker: SideWorker, x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
-              key: Hashable | None = None) -> bool:  # fmt: skip
-        """Start `apply`'s work on `worker`'s thread (`adapters/lora_side_thread.py`); `worker.finish(ys)` then adds
-        it to the outputs. False (nothing started; use `apply`) where only the PyTorch paths can take the call."""
-        rows = self.side_rows(x.shape[0])
-        return rows is not None and worker.start(x, (a, bs, rank, key), rows)
 
     def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x [N, in] -> x[n] @ a[idx[n]].T @ b[idx[n]].T as a new [N, out] tensor: the same plan, out of place and

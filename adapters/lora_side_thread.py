@@ -2,12 +2,12 @@
 
 A projection group's base matmuls (x @ W.T) and its LoRA (x @ A.T @ B.T) read the same input and meet only in
 their sum. On a CPU replica the base's small matmuls at serving batch sizes run on one core, so the engine starts
-the LoRA on a worker thread of the native kernel (`adapters/kernels/bgmv_cpu.c`) before the base matmuls, and adds
+the LoRA on a worker thread of the native kernel (`adapters/kernels/side_worker.c`) before the base matmuls, and adds
 its result when they are done:
 
-    worker.start(...)           # via LoraBatch.start: the deltas of every row go to scratch rows on the worker
-    q, k, v = ...               # the base projections, on the calling thread meanwhile
-    worker.finish([q, k, v])    # wait, then q[row] += delta[row] ... (in C), the order PEFT adds them in
+    worker.start(x, weights, plan.side_rows(n))   # the deltas of every adapter row go to scratch rows
+    q, k, v = ...                                   # the base projections, on the calling thread meanwhile
+    worker.finish((q, k, v))                        # rows the worker has not reached, then q[row] += delta[row]...
 
 The worker spins briefly between calls and sleeps when the engine is idle. One worker per engine; one call in
 flight at a time. Whether an engine uses it: `serve_app/engine/lora_overlap.py` (`engine.lora_overlap`).

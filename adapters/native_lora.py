@@ -271,10 +271,10 @@ class RowOrder:
             call.n = rows_needed = n
         else:
             rows_needed = self.max_row + 1
-        if not fits(x, call.in_features, rows_needed):
+        if not _fits(x, call.in_features, rows_needed):
             return False
         for (y, _), width in zip(outputs, widths, strict=True):
-            if not fits(y, width, rows_needed):
+            if not _fits(y, width, rows_needed):
                 return False
         for slot, (y, _) in zip(call.outputs, outputs, strict=False):  # (the struct has MAX_OUTPUTS slots)
             slot.y, slot.y_row_stride = y.data_ptr(), y.stride(0)
@@ -313,7 +313,7 @@ class RowOrder:
         return call, ctypes.addressof(call), kernel, widths, a.shape[1] * a.shape[2] + rank * sum(widths)
 
 
-def fits(t: torch.Tensor, width: int, rows: int) -> bool:
+def _fits(t: torch.Tensor, width: int, rows: int) -> bool:
     """CPU float32 [N >= rows, width] with contiguous rows."""
     shape = t.shape
     return (t.dtype is torch.float32 and len(shape) == 2 and shape[1] == width and shape[0] >= rows and t.is_cpu
