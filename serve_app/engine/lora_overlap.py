@@ -33,12 +33,12 @@ from serve_app.engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
-HIDDEN_SHARE = 0.5  # about how much of the LoRA's time the side thread hides (the rest: Python around each call)
+HIDDEN_SHARE = 0.5  # about how much of the LoRA's cost the side thread hides (the rest: Python around each call)
 MAX_PROBE_S = 1.0  # a model whose probe forward takes longer than this is big enough for PyTorch's threads
 PROBE_ROWS, PROBE_CHUNK = 64, 64  # at most this many decode rows; prompt tokens of the prefill chunk
 BLOCKS, BLOCK_PASSES = 7, 6  # per way, alternating: blocks of back-to-back passes (steady state)
 SLOW_PROBE_S = 0.05  # a probe slower than this: blocks of one pass (big models: the difference is large anyway)
-SETTLE_S = 0.005  # before a block (the side worker spins 2 ms after a call, PyTorch's OpenMP pool about as long)
+SETTLE_S = 0.005  # before a block: PyTorch's OpenMP pool stops spinning after the last block's thread count
 _decisions: dict[tuple, bool] = {}
 
 
@@ -68,9 +68,10 @@ def choose(mode: str, native: bool, runner: ModelRunner, rows: int, adapters: in
 
 
 def _measure(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: str, threads: int) -> bool:
-    """True if what PyTorch gains from its last thread (base forwards) is less than HIDDEN_SHARE of the LoRA's
-    share of a LoRA forward (in place, on all threads): the part of it the side thread would hide."""
-    base, lora = _probe(runner, rows, adapters, chunk, kernel, None), _probe(runner, rows, adapters, chunk, kernel, 1)
+    """True if what PyTorch gains from its last thread (base step) is less than the part of the LoRA's cost (in
+    place, on all threads) that the side thread would hide (HIDDEN_SHARE), both relative to the base step."""
+    base = _probe(runner, rows, adapters, chunk, kernel, with_lora=False)
+    lora = _probe(runner, rows, adapters, chunk, kernel, with_lora=True)
     start = time.perf_counter()
     lora()  # (also a warm-up)
     if time.perf_counter() - start > MAX_PROBE_S:
@@ -94,9 +95,8 @@ def _measure(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: 
         torch.set_num_threads(threads)
     # per block (paired: a drifting machine hits all three alike)
     gains = [b1 / b - 1 for b1, b in zip(seconds["base", threads - 1], seconds["base", threads], strict=True)]
-    shares = [1 - b / lo for b, lo in zip(seconds["base", threads], seconds["lora", threads], strict=True)]
-    gain, share = statistics.median(gains), statistics.median(shares)
-    cost = share / (1 - share)  # LoRA's time relative to the base step on all threads, like the gain
+    costs = [lo / b - 1 for b, lo in zip(seconds["base", threads], seconds["lora", threads], strict=True)]
+    gain, cost = statistics.median(gains), statistics.median(costs)
     side = gain < HIDDEN_SHARE * cost
     log.info("LoRA side thread %s: the base step is %.0f%% faster on %d PyTorch threads than on %d; LoRA in place adds "
              "%.0f%% to it", "on" if side else "off", 100 * gain, threads, threads - 1, 100 * cost)  # fmt: skip
@@ -104,16 +104,16 @@ def _measure(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: 
 
 
 def _probe(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: str,
-           first_slot: int | None) -> Callable[[], None]:  # fmt: skip
+           with_lora: bool) -> Callable[[], None]:  # fmt: skip
     """One decode step of `rows` rows and one prefill chunk of `chunk` tokens, on the engine's own (still empty)
-    KV slots and slot bank: the base alone (`first_slot` None), or with LoRA on every row (decode rows round-robin
+    KV slots and slot bank: the base alone, or with LoRA on every row (decode rows round-robin
     over `adapters` slots; zero weights cost what real ones do). A serving step minus the scheduling."""
     device = runner.kv.k.device
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
     positions = torch.full((rows,), min(chunk, runner.kv.max_len - 1), dtype=torch.long, device=device)
     prompt = torch.zeros(min(chunk, runner.kv.max_len), dtype=torch.long, device=device)
     decode_plan = prefill_plan = None
-    if first_slot is not None:
+    if with_lora:
         storage = runner.bank.storage
         decode_plan = LoraBatch(torch.tensor([1 + i % adapters for i in range(rows)], device=device), storage, kernel)
         prefill_plan = LoraBatch(torch.tensor([1], device=device), storage, kernel)
