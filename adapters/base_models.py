@@ -121,6 +121,14 @@ def _one_bnb_cpu_path(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _zero3_sharded() -> bool:
+    """A DeepSpeed ZeRO-3 config is registered: `from_pretrained` built the model as shards that DeepSpeed places
+    (jobs/deepspeed_zero.py); moving them is DeepSpeed's job."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def load_base(
     ref: str,
     quantization: QuantizationConfig | None = None,
@@ -143,7 +151,7 @@ def load_base(
     except OSError as err:
         offline = " (HF_HUB_OFFLINE is set: no hub downloads)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise BaseModelNotFound(f"base model '{ref}' could not be loaded{offline}: {err}") from err
-    if quant.mode != "nf4":
+    if quant.mode != "nf4" and not _zero3_sharded():
         model.to(device)
     elif str(device).split(":")[0] == "cpu":
         _one_bnb_cpu_path(model)

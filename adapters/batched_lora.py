@@ -23,8 +23,12 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
     use it, and its deltas are added back with `index_add_`. A few more operations than `gather`, half or less of
     its memory traffic as soon as rows share adapters; and no per-row copies, which for big adapters would not
     stay cheap. Unless the batch is so skewed that padding every adapter to m rows multiplies mostly zeros.
-`choose_mode` picks between gather and grouped; `EngineConfig.lora_kernel` can force any of the three.
-`shrink_reference` / `expand_reference` are the float64-checkable oracle for every path.
+  - `triton`:  the Triton SGMV/BGMV kernels of `triton_lora` (segments of one adapter / per-row adapters), read
+    each row's adapter in place; `auto` picks them on CUDA for mixed batches when triton imports
+    (`triton_runtime`). Forced, they also run one-adapter plans (one SGMV segment); on CPU only under the Triton
+    interpreter (tests).
+`choose_mode` picks between gather and grouped; `EngineConfig.lora_kernel` can force any path.
+`lora_reference.shrink_reference` / `expand_reference` are the float64-checkable oracle for every path.
 
     python -m adapters.batched_lora        # self-check: every path against the per-row reference
 """
@@ -37,10 +41,11 @@ from typing import Any, Literal
 
 import torch
 
-from adapters import native_lora
+from adapters import native_lora, triton_runtime
+from adapters.lora_reference import expand_reference, shrink_reference
 
-Mode = Literal["none", "single", "gather", "grouped", "native"]
-Kernel = Literal["auto", "native", "gather", "grouped"]
+Mode = Literal["none", "single", "gather", "grouped", "native", "triton"]
+Kernel = Literal["auto", "native", "gather", "grouped", "triton"]
 # `auto` groups when rows share adapters (at least this many adapter rows per distinct adapter) ...
 GROUP_WHEN_ROWS_PER_ADAPTER = 1.5
 # ... or when the per-row weight copies of a gather would exceed this size,
@@ -48,20 +53,6 @@ GATHER_BUDGET_BYTES = 64 * 2**20
 # ... but only while padding every adapter to the busiest one's row count is at most this many rows per adapter
 # row (beyond that the grouped bmm mostly multiplies zeros).
 MAX_GROUPED_PADDING = 4.0
-
-
-def shrink_reference(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Row by row: h[n] = x[n] @ a[idx[n]].T — the oracle, slow, obviously right."""
-    return (
-        torch.stack([x[n] @ a[int(idx[n])].T for n in range(x.shape[0])]) if x.shape[0] else x.new_zeros(0, a.shape[1])
-    )
-
-
-def expand_reference(h: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Row by row: delta[n] = h[n] @ b[idx[n]].T."""
-    return (
-        torch.stack([h[n] @ b[int(idx[n])].T for n in range(h.shape[0])]) if h.shape[0] else h.new_zeros(0, b.shape[1])
-    )
 
 
 def choose_mode(rows: int, adapter_rows: int, distinct: int, grouped_rows: int, slot_bytes: int | None) -> Mode:
@@ -108,7 +99,8 @@ class LoraBatch:
             self.mode = "single"
             self.slot = self.distinct[0]
             # small one-adapter chunks: one native call instead of a shrink and k expands (None: PyTorch only)
-            self._uniform = native_lora.UniformRows(self.slot) if _native_runs(kernel, idx, storage) else None
+            self._uniform = (native_lora.UniformRows(self.slot, num_slots=_slot_count(storage))
+                             if _native_runs(kernel, idx, storage) else None)  # fmt: skip
         else:
             self._lo = self.distinct[0]  # the grouped window: adapter slots lo..hi (base rows need no LoRA)
             self._span = self.distinct[-1] - self._lo + 1
@@ -122,10 +114,14 @@ class LoraBatch:
                 if _native_runs(kernel, idx, storage):
                     self._torch_mode: Mode = self.mode  # what a fallback (unsupported tensors, autograd) uses
                     self.mode = "native"
-                    self._native = native_lora.RowOrder(slots)
+                    self._native = native_lora.RowOrder(slots, _slot_count(storage))  # (IndexError: a bad slot)
                     self._fallback_plan: LoraBatch | None = None
-            if self.mode == "grouped":
+            if self.mode == "grouped" and not _triton_runs(kernel, idx):
                 self._grouped_positions(slots)
+        if self.mode != "none" and _triton_runs(kernel, idx, self.mode):
+            self._torch_mode, self.mode = self.mode, "triton"  # (the PyTorch plan: autograd, `delta`)
+            self._triton = triton_runtime.load().TritonRows(slots, idx.device)  # type: ignore[union-attr]
+            self._fallback_plan = None
         if self.mode != "gather":
             self._previous = None  # (nothing to take over; and no chain of old plans kept alive)
 
@@ -249,6 +245,8 @@ class LoraBatch:
     # -- the operator --------------------------------------------------------------------------------------------
     def shrink(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x [N, in], a [S, R, in] -> h [N, R]."""
+        if self.mode == "triton":
+            return self._triton.shrink(x, a).to(x.dtype)
         if self.mode == "native":
             return self._fallback().shrink(x, a)
         if self.mode == "single":
@@ -261,6 +259,8 @@ class LoraBatch:
 
     def expand_add(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y [N, out] += h [N, r] @ b[idx].T; returns y."""
+        if self.mode == "triton":
+            return self._triton.expand_add(y, h, b)
         if self.mode == "native":
             return self._fallback().expand_add(y, h, b)
         if self.mode == "single":
@@ -276,7 +276,9 @@ class LoraBatch:
         """Shrink once for every projection that shares input `x`, then expand into each output in place. `key`:
         optionally, a name the caller always gives these weights (see `native_lora.RowOrder.apply`)."""
         mode = self.mode
-        if mode == "native":
+        if mode == "triton":
+            self._triton.apply(x, a, outputs, rank)
+        elif mode == "native":
             if not self._native.apply(x, a, outputs, rank, key):  # tensors the kernel cannot take: the PyTorch plan
                 self._fallback().apply(x, a, outputs, rank)
         elif mode == "gather":  # [N, 1, R] kept 3-d end to end: no squeeze/unsqueeze per projection
@@ -307,7 +309,7 @@ class LoraBatch:
         `a` [S, r, in], `b` [S, out, r] may be views of a trainable tensor."""
         if self.mode == "none":
             return x.new_zeros(x.shape[0], b.shape[1])
-        if self.mode == "native":
+        if self.mode in ("native", "triton"):
             return self._fallback().delta(x, a, b)
         if self.mode == "single":
             return (x @ a[self.slot].T) @ b[self.slot].T
@@ -328,8 +330,13 @@ class LoraBatch:
         self._gathered.clear()
         self._rows_flat = self._rows_buffer = self._previous = None
         self._buffers.clear()
-        if self.mode == "native" and self._fallback_plan is not None:
+        if self.mode in ("native", "triton") and self._fallback_plan is not None:
             self._fallback_plan.release()
+
+
+def _slot_count(storage: torch.Tensor | None) -> int | None:
+    """The slot bank's slot count (slot 0 included), which the native plans check their slots against."""
+    return None if storage is None else int(storage.shape[0])
 
 
 def _native_runs(kernel: str, idx: torch.Tensor, storage: torch.Tensor | None) -> bool:
@@ -339,6 +346,15 @@ def _native_runs(kernel: str, idx: torch.Tensor, storage: torch.Tensor | None) -
     if storage is None:
         return kernel == "native" and native_lora.available()
     return storage.dtype == torch.float32 and storage.device.type == "cpu" and native_lora.available()
+
+
+def _triton_runs(kernel: str, idx: torch.Tensor, mode: str = "") -> bool:
+    """`triton` asked for (raises if the kernels cannot run on idx's device), or `auto` on CUDA with triton for
+    a mixed batch (rows all on one adapter keep `single`: two plain GEMMs beat a one-segment SGMV)."""
+    if kernel == "triton":
+        triton_runtime.require(idx.device)
+        return True
+    return kernel == "auto" and mode != "single" and triton_runtime.auto_picks(idx.device)
 
 
 def apply_lora(

@@ -2,11 +2,11 @@
 whichever adapter each row of the batch belongs to. Used by co-training (`adapters.trainable_lora`), where one
 forward carries rows of K adapters over one shared base.
 
-    y = base(x) + delta,   delta[n] = dropout_k(x[n]) @ A_k.T @ (scale_k * B_k).T   for row n of adapter k
+    y = base(x) + delta,   delta[n] = (dropout_k(x[n]) @ A_k.T @ B_k.T) * scale_k   for row n of adapter k
 
-The delta comes from `LoraBatch.delta`, the out-of-place form of the serving operator (autograd flows into the
-bank's `storage`). LoRA dropout is per adapter: each row is dropped with its own adapter's probability, only in
-training mode. Without a plan (`bank.disabled()`), the layer is its base layer.
+The delta comes from the bank (`TrainableLoraBank.delta`: `LoraBatch.delta`, the out-of-place form of the serving
+operator, times each row's scale; autograd flows into the bank's `storage`). LoRA dropout is per adapter: each row
+is dropped with its own adapter's probability, only in training mode. Without a plan (`bank.disabled()`), the layer is its base layer.
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ class BatchedLoraLinear(torch.nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] != plan.rows:
             raise RuntimeError(f"{self.module_name}: {flat.shape[0]} tokens but the LoRA plan has {plan.rows} rows")
-        a, b = bank.weights(self.module_name)
-        flat = flat.to(a.dtype)
+        flat = flat.to(bank.storage.dtype)
         rate = bank.dropout
         if self.training and isinstance(rate, torch.Tensor):  # rows of adapters with different rates
             flat = flat * ((torch.rand_like(flat) < rate) / rate)
         elif self.training and rate > 0:
             flat = torch.nn.functional.dropout(flat, rate, training=True)
-        delta = plan.delta(flat, a, b)
+        delta = bank.delta(self.module_name, flat)
         return (y + delta.view(*y.shape[:-1], delta.shape[-1])).to(y.dtype)
 
     def extra_repr(self) -> str:

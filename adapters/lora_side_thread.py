@@ -53,8 +53,9 @@ class SideWorker:
         """Start the deltas of a projection group's `weights` (A [S, R, in], [B_j [S, out_j, r]], rank r, key) for
         x's listed rows into scratch rows. `key`: a name the caller gives exactly these weights every time (the
         engine: its layer and group; None: made from the tensors). `rows`: from `native_lora.RowOrder.side_rows`
-        (which rows, on which slots). Returns False, having started nothing, for tensors the kernel cannot take or
-        a call over the rows' multiply-add limit. The hot path of every forward: written for speed, but every
+        (which rows, on which slots; a slot the weights do not have raises IndexError, before any C code runs).
+        Returns False, having started nothing, for tensors the kernel cannot take or a call over the rows'
+        multiply-add limit. The hot path of every forward: written for speed, but every
         check the C side relies on stays."""
         if self._pending is not None or not self._handle:
             self._not_idle()
@@ -68,6 +69,8 @@ class SideWorker:
                 bound = self._bind(a, bs, rank, key)
         if bound is False:
             return False
+        if rows[7] >= bound[12]:  # (the plan checked its slots when it was built; these weights may have fewer)
+            native_lora.check_slots(rows[7], bound[6][0])
         n, rows_needed, max_macs = rows[2], rows[3], rows[4]
         if max_macs and n * bound[5] > max_macs:
             return False
@@ -105,8 +108,8 @@ class SideWorker:
     def _bind(self, a: torch.Tensor, bs: list[torch.Tensor], rank: int, key: Hashable) -> tuple | bool:
         """Prepare (once per weights) (side-call struct, its call record, its address, output widths, their sum,
         multiply-adds per row, the weights (kept alive), the output records, [scratch address the records point
-        at, rows the call is set for], target pointers, target strides, in_features), or False for weights the
-        kernel cannot take."""
+        at, rows the call is set for], target pointers, target strides, in_features, slot count), or False for
+        weights the kernel cannot take."""
         found = native_lora.template(a, [(b, b) for b in bs], rank)
         bound: tuple | bool = False
         if found is not None:
@@ -120,7 +123,7 @@ class SideWorker:
                 record.y_row_stride = sum(widths)  # scratch rows: the outputs side by side
             macs = a.shape[1] * a.shape[2] + rank * sum(widths)
             bound = (side, call, ctypes.addressof(side), widths, sum(widths), macs, (a, bs), records, [0, None],
-                     side.target, side.target_row_stride, call.in_features)  # fmt: skip
+                     side.target, side.target_row_stride, call.in_features, a.shape[0])  # fmt: skip
         self._bound[key] = bound
         return bound
 

@@ -1,4 +1,4 @@
-"""The native CPU batched-LoRA kernel (`adapters/kernels/`): build it once, load it, call it.
+"""The native CPU batched-LoRA kernel (`adapters/kernels/`): load it, check its ABI, call it (a pure binding).
 
 On CPU, PyTorch's batched matmul costs about 1 us per matrix whatever its size, so a decode step whose 64 rows use
 32 adapters spends most of its LoRA time in per-matrix overhead (see bench/RESULTS.md). The C kernel does a whole
@@ -11,12 +11,18 @@ already loaded, so both share one thread pool), a call with enough work (about 0
 across `torch.get_num_threads()` threads; the split follows the one-thread tiling, so results are bitwise the same
 for any thread count.
 
-Build: plain C (no Python or torch headers), compiled with the system C compiler (`$CC`, else `cc`/`gcc`) on first
-use in about a second, cached under `~/.cache/lorafleet/kernels/` (`$LORAFLEET_KERNEL_CACHE`) by a hash of the
-sources (bgmv_cpu.c, the kernel; side_worker.c, the side thread), compiler and CPU model/features (built with
-`-march=native`, so a cache shared by different machines keeps one build per CPU kind), and loaded with `ctypes`.
-`LORAFLEET_NATIVE_LORA=0` turns it off. If no compiler is found or the build fails, `load()` returns None and says
-why once in the log; nothing else changes.
+Build: `adapters.kernel_build` (on first use, cached per source, compiler and CPU kind; why not at install time:
+see there). `$LORAFLEET_NATIVE_LORA_LIB` names a prebuilt library to load instead; `LORAFLEET_NATIVE_LORA=0` turns
+the kernel off. Before its first call the loader compares the library's `lf_abi_version()` and `lf_layout()` (every
+struct's size and field offsets, the buffer limits) with the ctypes mirror below, and refuses a library that
+differs, naming what differs: the C side trusts every address and stride it is given. If no compiler is found, the
+build fails or the ABI differs, `load()` returns None and says why once in the log; nothing else changes.
+
+Safety: the C code reads `a + slot * stride` and `x + row * stride` unchecked, so every index is checked in Python
+where it is made or first meets its weights: a `RowOrder`'s slots when the plan is built (>= 0, and below the slot
+bank's slot count when the plan is given it), again against the weights' slot count when a plan is first bound to
+a set of weights (once per plan and layer group, not per call); its rows are 0..N-1 by construction, and each call
+checks that x and every output have that many rows.
 
     python -m adapters.native_lora        # build, then check the kernel against the per-row reference
 """
@@ -24,28 +30,30 @@ why once in the log; nothing else changes.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Hashable
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from adapters.lora_side_thread import SideWorker
+from adapters.kernel_build import build, compiler
+from adapters.lora_reference import expand_reference, shrink_reference
 
 log = logging.getLogger(__name__)
 
-KERNELS = Path(__file__).parent / "kernels"
-SOURCES = (KERNELS / "bgmv_cpu.c", KERNELS / "side_worker.c")  # (+ bgmv_cpu.h, which both include)
-MAX_OUTPUTS = 3  # outputs per call (q/k/v is the widest group); matches the C source
-MAX_RANK_TOTAL = 1024  # k * r per call; matches MAX_R in the C source
+__all__ = ["build", "compiler", "load", "open_library", "available", "require", "RowOrder", "UniformRows"]
+
+ABI_VERSION = 2  # LF_ABI_VERSION in bgmv_cpu.h
+MAX_OUTPUTS = 3  # outputs per call (q/k/v is the widest group); MAX_OUTPUTS in the C source
+MAX_RANK_TOTAL = 1024  # k * r per call; MAX_R in the C source
+
+
+class AbiMismatch(RuntimeError):
+    """The library's ABI version or struct layout is not the one this binding was written for."""
 
 
 class _Output(ctypes.Structure):
@@ -91,66 +99,53 @@ class SideCall(ctypes.Structure):
     ]
 
 
-# compiler flags, best first: OpenMP (threads, via the libgomp PyTorch already loaded) and -march=native
-BUILD_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+def expected_layout() -> dict[str, int]:
+    """What `lf_layout()` must report: each mirrored struct's size and field offsets (bytes), and the limits."""
+    layout: dict[str, int] = {}
+    for c_name, struct in (("lf_output", _Output), ("lf_call", _Call), ("lf_side_call", SideCall)):
+        layout[c_name] = ctypes.sizeof(struct)
+        for field, *_ in struct._fields_:
+            layout[f"{c_name}.{field}"] = getattr(struct, field).offset
+    return layout | {"MAX_OUTPUTS": MAX_OUTPUTS, "MAX_R": MAX_RANK_TOTAL}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_fingerprint() -> str:
-    """The CPU kind a `-march=native` build is for: machine, model name and feature flags."""
-    parts = [os.uname().machine]
+def open_library(path: Path | str) -> ctypes.CDLL:
+    """Load the kernel library at `path`, check its ABI against this binding and declare its functions. Raises
+    AbiMismatch (naming the file and what differs), or OSError if it cannot be loaded."""
+    lib = ctypes.CDLL(str(path))
+    for name in ("lf_abi_version", "lf_layout"):
+        if not hasattr(lib, name):
+            raise AbiMismatch(f"{path}: no {name}() (built from older sources than this binding)")
+    lib.lf_abi_version.restype, lib.lf_abi_version.argtypes = ctypes.c_int64, []
+    version = lib.lf_abi_version()
+    if version != ABI_VERSION:
+        raise AbiMismatch(f"{path}: ABI version {version}, this binding expects {ABI_VERSION}")
+    lib.lf_layout.restype, lib.lf_layout.argtypes = ctypes.c_int64, [ctypes.c_char_p, ctypes.c_int64]
+    size = lib.lf_layout(None, 0) + 1
+    text = ctypes.create_string_buffer(size)
+    lib.lf_layout(text, size)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part"):
-                parts.append(line)
-                if len(parts) > 4:
-                    break
-    except OSError:
-        pass
-    return "\n".join(parts)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
-
-
-def build(sources: Path | tuple[Path, ...] = SOURCES) -> Path:
-    """Compile `sources` into one library in the cache (atomically; concurrent builders are harmless) and return
-    it. The cache key covers every file of their folder (headers included), the compiler and the CPU kind."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    sources = (sources,) if isinstance(sources, Path) else tuple(sources)
-    folder = sources[0].parent
-    inputs = sorted({*sources, *folder.glob("*.h")})
-    key = hashlib.sha256(b"".join(path.name.encode() + path.read_bytes() for path in inputs) + compiler.encode()
-                         + _cpu_fingerprint().encode() + " ".join(BUILD_FLAGS[0]).encode()).hexdigest()[:16]  # fmt: skip
-    target = _cache_dir() / f"{sources[0].stem}-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        for flags in BUILD_FLAGS:  # OpenMP and this CPU's instructions if the compiler can, else less
-            cmd = [compiler, "-O3", *flags, "-std=gnu11", "-pthread", "-shared", "-fPIC", "-o", str(out),
-                   *map(str, sources)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"'{' '.join(cmd)}' failed: {(done.stderr or done.stdout).strip()[-2000:]}")
-        os.replace(out, target)
-    return target
+        found = {k: int(v) for k, v in (item.split("=") for item in text.value.decode().split())}
+    except ValueError as err:
+        raise AbiMismatch(f"{path}: unreadable lf_layout() {text.value[:200]!r}") from err
+    want = expected_layout()
+    if found != want:
+        diff = [f"{k}: library {found.get(k, 'absent')}, binding {want.get(k, 'absent')}"
+                for k in sorted(set(found) | set(want)) if found.get(k) != want.get(k)]  # fmt: skip
+        raise AbiMismatch(f"{path}: struct layout differs from the ctypes mirror ({'; '.join(diff[:6])})")
+    for name in ("lf_bgmv_f32_call", "lf_worker_wait", "lf_worker_start", "lf_worker_finish"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * (1 if name in ("lf_bgmv_f32_call", "lf_worker_wait") else 2)
+    lib.lf_worker_new.restype = ctypes.c_void_p
+    lib.lf_worker_new.argtypes = []
+    lib.lf_worker_free.restype = None
+    lib.lf_worker_free.argtypes = [ctypes.c_void_p]
+    return lib
 
 
 def load() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (disabled, no compiler, or the build failed; logged once)."""
+    """The loaded kernel library, or None (disabled, no compiler, the build failed, ABI mismatch; logged once)."""
     return _load()[0]
 
 
@@ -170,20 +165,12 @@ def require(device: torch.device, dtype: torch.dtype) -> None:
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("LORAFLEET_NATIVE_LORA", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "turned off by LORAFLEET_NATIVE_LORA"
+    prebuilt = os.environ.get("LORAFLEET_NATIVE_LORA_LIB")
     try:
-        lib = ctypes.CDLL(str(build()))
+        return open_library(prebuilt or build()), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("native CPU LoRA kernel unavailable, using the PyTorch paths: %s", err)
         return None, f"the native CPU kernel could not be built or loaded: {err}"
-    for name in ("lf_bgmv_f32_call", "lf_worker_wait", "lf_worker_start", "lf_worker_finish"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * (1 if name in ("lf_bgmv_f32_call", "lf_worker_wait") else 2)
-    lib.lf_worker_new.restype = ctypes.c_void_p
-    lib.lf_worker_new.argtypes = []
-    lib.lf_worker_free.restype = None
-    lib.lf_worker_free.argtypes = [ctypes.c_void_p]
-    return lib, None
 
 
 def available() -> bool:
@@ -233,9 +220,17 @@ class RowOrder:
     group) the kernel's argument struct is made once from the layout's template, then only the activation
     pointers change: a call costs a few us of Python."""
 
-    def __init__(self, slots: list[int]) -> None:
+    def __init__(self, slots: list[int], num_slots: int | None = None) -> None:
+        """`slots`: one slot per row (0 = no adapter). `num_slots`: the slot bank's slot count (slot 0 included),
+        if known here; every slot is checked against it now, and against the weights' slot count when the plan
+        first meets them. Raises IndexError naming the first bad row."""
         order = sorted((s, row) for row, s in enumerate(slots) if s != 0)
-        self.rows = torch.tensor([row for _, row in order], dtype=torch.int64)
+        self.max_slot = order[-1][0] if order else 0
+        if order and (order[0][0] < 0 or (num_slots is not None and self.max_slot >= num_slots)):
+            bad, row = order[0] if order[0][0] < 0 else order[-1]
+            raise IndexError(f"row {row}: adapter slot {bad} is out of range (slots 0..{(num_slots or 1) - 1})"
+                             if num_slots is not None else f"row {row}: adapter slot {bad} is negative")  # fmt: skip
+        self.rows = torch.tensor([row for _, row in order], dtype=torch.int64)  # 0..N-1 by construction
         self.slots = torch.tensor([s for s, _ in order], dtype=torch.int64)
         self.count = len(order)
         self.max_row = max((row for _, row in order), default=-1)  # x and every y need more rows than this
@@ -246,7 +241,7 @@ class RowOrder:
         # bank, a view's address and shape fix its layout)
         self._bound: dict[tuple, tuple | None] = {}
         self._side_rows = (self.rows, self.slots, self.count, self.max_row + 1, 0, self.rows.data_ptr(),
-                           self.slots.data_ptr())  # fmt: skip
+                           self.slots.data_ptr(), self.max_slot)  # fmt: skip
 
     def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
               key: Hashable | None = None) -> bool:  # fmt: skip
@@ -286,15 +281,16 @@ class RowOrder:
 
     def side_rows(self, x_rows: int) -> tuple | None:
         """What `SideWorker.start` needs to know of these rows for an x of `x_rows` rows: (rows, slots, n,
-        rows x and every output need, multiply-add limit or 0, rows' address, slots' address); None if the plan
-        cannot take that x. Made once per forward, shared by its calls."""
+        rows x and every output need, multiply-add limit or 0, rows' address, slots' address, highest slot); None
+        if the plan cannot take that x. Made once per forward, shared by its calls."""
         if not self.uniform:
             return self._side_rows
         if x_rows > self.count:
             return None
-        return self.rows, self.slots, x_rows, x_rows, self.max_macs, self._side_rows[5], self._side_rows[6]
+        return (self.rows, self.slots, x_rows, x_rows, self.max_macs, self._side_rows[5], self._side_rows[6],
+                self.max_slot)  # fmt: skip
 
-    def start(self, worker: SideWorker, x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
+    def start(self, worker: _Starter, x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
               key: Hashable | None = None) -> bool:  # fmt: skip
         """Start the LoRA of `x` for these rows on `worker`'s thread (see `lora_side_thread`): the deltas go to
         scratch rows, and `worker.finish(ys)` adds them to the outputs once the caller has made them. Returns
@@ -306,11 +302,25 @@ class RowOrder:
         found = template(a, outputs, rank)
         if found is None:
             return None
+        check_slots(self.max_slot, a)
         call = _Call.from_buffer_copy(found)
         call.rows, call.slots, call.n = self.rows.data_ptr(), self.slots.data_ptr(), self.count
         kernel = load().lf_bgmv_f32_call  # type: ignore[union-attr]
         widths = tuple(b.shape[1] for _, b in outputs)
         return call, ctypes.addressof(call), kernel, widths, a.shape[1] * a.shape[2] + rank * sum(widths)
+
+
+def check_slots(max_slot: int, a: torch.Tensor) -> None:
+    """Raise IndexError unless slot `max_slot` exists in weights `a` [S, ...] (whose Bs `template` checked to have
+    as many slots): before any C code reads `a + slot * stride`."""
+    if max_slot >= a.shape[0]:
+        raise IndexError(f"adapter slot {max_slot} is out of range for weights with {a.shape[0]} slots")
+
+
+class _Starter(Protocol):
+    """What `RowOrder.start` hands a call to (`lora_side_thread.SideWorker`; named here without importing it)."""
+
+    def start(self, x: torch.Tensor, weights: tuple, rows: tuple) -> bool: ...
 
 
 def _fits(t: torch.Tensor, width: int, rows: int) -> bool:
@@ -330,17 +340,16 @@ class UniformRows(RowOrder):
     `capacity` rows. For small chunks the kernel's one call beats PyTorch's four or five small matmuls (their
     per-call cost dominates); `apply` returns False (the caller uses PyTorch) above `max_macs` work per call."""
 
-    def __init__(self, slot: int, capacity: int = 256, max_macs: int = UNIFORM_MAX_MACS) -> None:
+    def __init__(self, slot: int, capacity: int = 256, max_macs: int = UNIFORM_MAX_MACS,
+                 num_slots: int | None = None) -> None:  # fmt: skip
         if slot < 1:
             raise ValueError("UniformRows needs an adapter slot (>= 1)")
-        super().__init__([slot] * capacity)
+        super().__init__([slot] * capacity, num_slots)
         self.uniform = True
         self.max_macs = max_macs
 
 
 def _self_check(seed: int = 0) -> float:
-    from adapters.batched_lora import expand_reference, shrink_reference
-
     gen = torch.Generator().manual_seed(seed)
     slots, rank, fan_in, outs, rows = 6, 8, 40, (24, 8, 8), 13
     a = torch.randn(slots, fan_in, rank * 3, generator=gen).transpose(1, 2)  # [S, R, in], R contiguous
@@ -359,5 +368,7 @@ def _self_check(seed: int = 0) -> float:
 
 
 if __name__ == "__main__":
-    print(f"kernel: {build()}")
+    if load() is None:
+        raise SystemExit(f"no kernel: {unavailable_reason()}")
+    print(f"kernel: {os.environ.get('LORAFLEET_NATIVE_LORA_LIB') or build()}")
     print(f"max relative error vs float64 reference: {_self_check():.2e}")

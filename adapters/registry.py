@@ -1,7 +1,9 @@
 """The adapter registry: resolve a request's `model` string to one adapter, across storage backends.
 
-Order: the local catalog first (an explicit, hand-made catalog wins), then the MLflow registry. A model string is
-matched against a strict grammar and never used as a path or URL. Adapters trained on another base are refused.
+Order: the local catalog first (an explicit, hand-made catalog wins), then the MLflow registry, then Hugging Face
+Hub repos (`org/name[@revision]`, only those the serve config allows: `hub_allowed`), then object storage
+(`s3://...`/`gs://...` adapter folders directly under a prefix the serve config allows: `store_prefixes`). A model string is matched
+against a strict grammar and never used as a path or URL. Adapters trained on another base are refused.
 
     python -m adapters.registry sentiment --mlflow http://127.0.0.1:5000 --base smollm2-135m
 """
@@ -12,8 +14,10 @@ import argparse
 from pathlib import Path
 
 from adapters.sources import AdapterRef, parse_model
+from adapters.sources.hf_hub import HubSource, parse_hub_id
 from adapters.sources.local_catalog import LocalCatalog
 from adapters.sources.mlflow_registry import MlflowRegistry
+from adapters.sources.object_store import ObjectStoreSource
 
 
 class UnknownAdapter(LookupError):
@@ -31,17 +35,26 @@ class AdapterRegistry:
         catalog_dir: Path | str | None = None,
         mlflow_uri: str | None = None,
         ttl_s: float = 5.0,
+        hub_allowed: list[str] | None = None,
+        hub_cache_dir: Path | str | None = None,
+        store_prefixes: list[str] | None = None,
     ) -> None:
         self.base_model = base_model
-        self.sources: list[LocalCatalog | MlflowRegistry] = []
+        self.sources: list[LocalCatalog | MlflowRegistry | HubSource | ObjectStoreSource] = []
         if catalog_dir:
             self.sources.append(LocalCatalog(catalog_dir))
         if mlflow_uri:
             self.sources.append(MlflowRegistry(mlflow_uri, ttl_s))
+        if hub_allowed:
+            self.sources.append(HubSource(hub_allowed, hub_cache_dir))
+        if store_prefixes:
+            self.sources.append(ObjectStoreSource(store_prefixes))
 
     def resolve(self, model: str) -> AdapterRef:
         """Raises UnknownAdapter, IncompatibleAdapter, or sources.RegistryUnavailable."""
-        if parse_model(model) is None:
+        hub = any(isinstance(s, HubSource) for s in self.sources) and parse_hub_id(model) is not None
+        store = any(isinstance(s, ObjectStoreSource) and s.split(model) for s in self.sources)
+        if parse_model(model) is None and not hub and not store:
             raise UnknownAdapter(f"'{model[:100]}' is not a valid model id (expected name, name@alias or name/N)")
         for source in self.sources:
             ref = source.resolve(model)
@@ -65,7 +78,7 @@ class AdapterRegistry:
                 continue
             ref = (
                 source.ref_for_id(adapter_id)
-                if isinstance(source, MlflowRegistry)
+                if isinstance(source, MlflowRegistry | HubSource | ObjectStoreSource)
                 else source.resolve(rest.split(":")[0])
             )
             if ref is not None and ref.id == adapter_id:

@@ -8,8 +8,10 @@ one that does not target a module, leaves its part of those blocks zero, and the
 gradients are exactly zero: the matching B columns or A rows are zero), so each adapter trains exactly its own
 LoRA. `storage` is the autograd leaf (one backward fills every adapter's gradient, no per-step stacking copy);
 `parameters(k)` is adapter k's row of it as its own `nn.Parameter`, for its own optimizer. The LoRA scale
-(alpha / r, or alpha / sqrt(r) with rsLoRA) is applied to B in the forward, so the optimizer sees the same
-parameters as PEFT's.
+(alpha / r, or alpha / sqrt(r) with rsLoRA) multiplies each row's delta in the forward (`delta`), as PEFT's
+`lora_B(lora_A(x)) * scaling` does, so the optimizer sees the same parameters as PEFT's and no scaled copy of any
+weight is made (a copy of every B per module per forward, kept for backward, would cost about as much memory as
+all adapters' B matrices: on a 7B base with 16 adapters, on the order of a GB).
 
 `peft_initial_weights` gives each adapter the initial weights PEFT gives it in a solo run with the same seed.
 
@@ -111,6 +113,7 @@ class TrainableLoraBank:
         self._views = {b.name: self._block_views(b) for b in self.blocks}
         self.plan: LoraBatch | None = None
         self.token_slots: torch.Tensor | None = None
+        self.row_scales: torch.Tensor | None = None  # [tokens, 1]: each token row's adapter scale
         self.dropout: float | torch.Tensor = 0.0  # the current rows' rate, or per token row the keep probability
         for k, shape in enumerate(adapters):  # (before wrapping: PEFT injects into the plain base)
             self._initialise(k, peft_initial_weights(model, shape))
@@ -156,9 +159,15 @@ class TrainableLoraBank:
             b[k + 1, :, :r].copy_(initial[block.name][1])
 
     def weights(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [S, r, in], B [S, out, r] with each slot's LoRA scale applied) of one module, for the operator."""
+        """(A [S, r, in], B [S, out, r]) of one module: views of `storage`, without the LoRA scale."""
+        return self._views[module_name]
+
+    def delta(self, module_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The current rows' LoRA delta of one module, x [N, in] -> [N, out]: (x @ A.T @ B.T) * scale, each row with
+        its own adapter's weights and scale (PEFT's order). Differentiable; autograd keeps no copy of any weight
+        (the scale is a [N, 1] constant)."""
         a, b = self._views[module_name]
-        return a, b * self.scales.view(-1, 1, 1)
+        return self.plan.delta(x, a, b) * self.row_scales  # type: ignore[union-attr, operator]
 
     # -- which rows use which adapter ----------------------------------------------------------------------------
     def use(self, row_slots: torch.Tensor, seq_len: int) -> None:
@@ -166,6 +175,7 @@ class TrainableLoraBank:
         tokens = row_slots.repeat_interleave(seq_len)
         self.token_slots = tokens
         self.plan = LoraBatch(tokens, cache_gathers=False)
+        self.row_scales = self.scales.index_select(0, tokens.to(self.scales.device))[:, None]
         rates = {self.adapters[s - 1].dropout for s in self.plan.distinct}
         # one rate for every row: plain dropout; several: each token row kept with its own adapter's rate
         self.dropout: float | torch.Tensor = rates.pop() if len(rates) == 1 else (1 - self.dropouts[tokens])[:, None]

@@ -118,7 +118,7 @@ class PeftRunner:
         self.pad_id = pad_id
 
     def _generate(self, prompts: list[list[int]], new_tokens: int, **kwargs: Any) -> int:
-        ids, mask = left_pad(prompts, self.pad_id)
+        ids, mask = (t.to(self.model.device) for t in left_pad(prompts, self.pad_id))  # CUDA: inputs on the GPU
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad_id,

@@ -154,7 +154,9 @@ def build_cases(args: argparse.Namespace, adapter_root: Path) -> tuple[list[Case
         "dtype": str(engine.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "threads": str(threads),
-        "lora_side_thread": f"on (PyTorch {torch.get_num_threads()} + 1 LoRA thread)" if side else "off",
+        "lora_side_thread": f"on (PyTorch {engine.overlap.torch_threads or threads} + 1 LoRA thread)"
+        if side
+        else "off",
         "kernel": args.kernel,
         "date": dt.date.today().isoformat(),
         "prompt_tokens": f"{min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}",

@@ -4,6 +4,8 @@
                  [--mlflow-port 5000] [--serve-port 8000]
     lorafleet status [--state-dir ...] [--json]
     lorafleet down [--state-dir ...]
+    lorafleet add-node [--state-dir ...] [--num-cpus N] [--resources JSON] [--name NAME]   (cluster/worker_node.py)
+    lorafleet data check CONFIG [--task T]      (jobs/task_data/check.py)
 
 Thin on purpose: each command parses its options and calls `cluster.local_stack`. Add new commands as one
 function each with `@app.command()`.
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cluster import local_stack
+from cluster import cli_export, local_stack
 from cluster.local_stack import StackConfig, StackError, StackInfo
 
 app = typer.Typer(
@@ -29,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.command("export")(cli_export.export)  # lorafleet export MODEL --format F --out DIR (cluster/cli_export.py)
 
 _DEFAULT_STATE_DIR = Path(".lorafleet")
 StateDirOption = Annotated[
@@ -129,6 +132,29 @@ def down(state_dir: StateDirOption = _DEFAULT_STATE_DIR) -> None:
         _fail(f"processes still alive after SIGKILL: {report.leftover_pids}")
 
 
+@app.command("add-node")
+def add_node(
+    state_dir: StateDirOption = _DEFAULT_STATE_DIR,
+    num_cpus: Annotated[int, typer.Option(min=1, help="Logical CPUs the new node offers.")] = 1,
+    resources: Annotated[str, typer.Option(help="Custom resources as JSON, e.g. '{\"node_b\": 1}'.")] = "{}",
+    name: Annotated[str | None, typer.Option(help="Node name (default w1, w2, ...).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the node to join.")] = 180.0,
+) -> None:
+    """Add a worker raylet on 127.0.0.1 to the running local stack; `lorafleet down` stops it too."""
+    from cluster import worker_node
+
+    try:
+        st = local_stack.status(_config(state_dir=state_dir), with_memory=False)
+        if st.info is None or not st.running:
+            _fail(f"no running stack in {state_dir}; start one with `lorafleet up{_state_flag(state_dir)}`")
+        node = worker_node.add_node(st.info, num_cpus=num_cpus, resources=worker_node.parse_resources(resources),
+                                    name=name, timeout=timeout)  # fmt: skip
+    except StackError as exc:
+        _fail(str(exc), exc.log_path)
+    _console().print(f"[bold green]Node {node.name} joined[/] {st.info.ray_address}: node id {node.node_id}, "
+                     f"{node.num_cpus} CPUs, resources {node.resources} (pid {node.process.pid})")  # fmt: skip
+
+
 @app.command()
 def status(
     state_dir: StateDirOption = _DEFAULT_STATE_DIR,
@@ -157,6 +183,21 @@ def status(
         _console().print(f"Ray address {st.info.ray_address}; submit with `{st.info.job_submit_command()}`")
     if not st.running:
         raise typer.Exit(code=1)
+
+
+data_app = typer.Typer(help="Look at tasks' data before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    config: Annotated[Path, typer.Argument(help="The sweep config (YAML).")],
+    task: Annotated[str | None, typer.Option(help="Check only this task.")] = None,
+) -> None:
+    """Rows, format, token lengths, labels, duplicates and one rendered example per task; exit 1 on any error."""
+    from jobs.task_data.check import run_check
+
+    raise typer.Exit(code=run_check(config, task))
 
 
 if __name__ == "__main__":

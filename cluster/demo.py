@@ -64,18 +64,23 @@ def wait_for_serve(serve_url: str, timeout_s: float = 600.0) -> None:
 
 
 def ask_each_adapter(serve_url: str, tasks: list[str], base_model: str) -> None:
-    """One chat request per adapter (its registry `champion`) and the same prompt to the base model."""
-    from jobs.tasks import get_task, load_split
+    """One chat request per adapter (its registry `champion`) and the same prompt to the base model: only the user's
+    text, as a client sends it (each adapter is served with the system prompt it was trained with)."""
+    from jobs.tasks import load_split
 
     table = Table(title="One eval-split example per task, over HTTP", show_lines=True)
     for column in ("model", "input", "expected", "adapter answer", "base answer"):
         table.add_column(column, overflow="fold")
     for name in tasks:
-        task = get_task(name)
         row = load_split(name, "eval")[0]
         answers = []
         for model in (name, base_model):
-            body = {"model": model, "messages": task.messages(row), "max_tokens": 64, "temperature": 0}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": row["input"]}],
+                "max_tokens": 64,
+                "temperature": 0,
+            }
             reply = _post_json(f"{serve_url}/v1/chat/completions", body)
             answers.append(reply["choices"][0]["message"]["content"].strip())
         table.add_row(name, row["input"], row["output"], *answers)

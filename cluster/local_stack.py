@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cluster import mlflow_server, ray_head
+from cluster import mlflow_server, ray_head, worker_node
 from cluster.processes import (
     LOOPBACK,
     ProcessRecord,
@@ -113,7 +113,7 @@ def _check_port(port: int, what: str, flag: str) -> None:
         raise StackError(f"port {port} ({what}) is already in use{by}; pick another with {flag}")
 
 
-def _new_ray(config: StackConfig, state: Path) -> tuple[ProcessRecord, RayPorts, Path]:
+def _new_ray(config: StackConfig, state: Path, mlflow_port: int) -> tuple[ProcessRecord, RayPorts, Path]:
     _check_port(config.ray_gcs_port, "Ray GCS", "--ray-port")
     _check_port(config.dashboard_port, "Ray dashboard", "--dashboard-port")
     try:
@@ -132,6 +132,7 @@ def _new_ray(config: StackConfig, state: Path) -> tuple[ProcessRecord, RayPorts,
         num_gpus=config.num_gpus,
         temp_dir=temp_dir,
         log_path=state / "ray" / "head.log",
+        mlflow_url=mlflow_server.mlflow_url(mlflow_port),
     )
     return record, ports, temp_dir
 
@@ -186,7 +187,8 @@ def up(config: StackConfig | None = None) -> StackInfo:
                 ray_record, ports, temp_dir = previous.ray, previous.ray_ports, Path(previous.ray_temp_dir)
                 num_cpus = previous.num_cpus
             else:
-                ray_record, ports, temp_dir = _new_ray(config, state)
+                mlflow_port = previous.mlflow_port if keep_mlflow and previous is not None else config.mlflow_port
+                ray_record, ports, temp_dir = _new_ray(config, state, mlflow_port)
                 num_cpus = config.num_cpus
                 started.append(RAY)
                 records.append(ray_record)
@@ -251,9 +253,9 @@ def down(config: StackConfig | None = None) -> DownReport:
         info = read_stack(state)
         if info is None:
             return DownReport(had_record=False)
-        report = DownReport(
-            had_record=True, stopped=_stop_all({RAY: info.ray, MLFLOW: info.mlflow}, config.stop_timeout_s)
-        )
+        nodes = worker_node.stop_all(state, config.stop_timeout_s)  # `lorafleet add-node` raylets, before the head
+        stopped = _stop_all({RAY: info.ray, MLFLOW: info.mlflow}, config.stop_timeout_s)
+        report = DownReport(had_record=True, stopped={**{f"node {n}": o for n, o in nodes.items()}, **stopped})
         if not report.leftover_pids:
             stack_file(state).unlink(missing_ok=True)
         return report

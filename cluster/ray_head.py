@@ -166,11 +166,22 @@ def head_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_head(
-    ports: RayPorts, *, num_cpus: int, num_gpus: int | None, temp_dir: Path, log_path: Path
+    ports: RayPorts,
+    *,
+    num_cpus: int,
+    num_gpus: int | None,
+    temp_dir: Path,
+    log_path: Path,
+    mlflow_url: str | None = None,
 ) -> ProcessRecord:
+    """Start the head. `mlflow_url` becomes MLFLOW_TRACKING_URI of the head (unless the caller's environment sets
+    one), so every job, trial, worker and Serve replica of the stack resolves the same MLflow by default."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = head_command(ports, num_cpus=num_cpus, num_gpus=num_gpus, temp_dir=temp_dir)
-    return spawn_in_new_session(cmd, env=head_env(), log_path=log_path, cwd=temp_dir)
+    env = head_env()
+    if mlflow_url:
+        env.setdefault("MLFLOW_TRACKING_URI", mlflow_url)
+    return spawn_in_new_session(cmd, env=env, log_path=log_path, cwd=temp_dir)
 
 
 def dashboard_url(ports: RayPorts) -> str:

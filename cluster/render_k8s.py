@@ -4,8 +4,8 @@ Two files are maintained elsewhere and embedded in KubeRay objects as YAML strin
 
 - `serve_app/config.yaml` -> the RayService's `spec.serveConfigV2` (k8s/base/rayservice.yaml, and the A100 variant
   in k8s/overlays/a100/rayservice-serve-a100.yaml);
-- `cluster/runtime_env.yaml` -> the RayJob's `spec.runtimeEnvYAML` (k8s/base/rayjob.yaml, and the CPU variant in
-  k8s/overlays/local/rayjob-cpu.yaml).
+- `cluster/runtime_env_cluster.yaml` (Hub online) -> the RayJob's `spec.runtimeEnvYAML` (k8s/base/rayjob.yaml), and
+  `cluster/runtime_env.yaml` (the local stack's, offline) -> the CPU variant in k8s/overlays/local/rayjob-cpu.yaml.
 
 Each rendered document is its source parsed as YAML plus a short, explicit list of overrides (`TARGETS` below):
 what has to differ inside a pod (the Serve proxy listens on 0.0.0.0, the job talks to the in-cluster MLflow) or on
@@ -58,10 +58,6 @@ SERVE_A100: dict[str, Any] = {
 RUNTIME_ENV_IN_CLUSTER: dict[str, Any] = {
     "env_vars/MLFLOW_TRACKING_URI": MLFLOW_URL,
 }
-RUNTIME_ENV_HUB: dict[str, Any] = {
-    **RUNTIME_ENV_IN_CLUSTER,
-    "env_vars/HF_HUB_OFFLINE": "0",  # a100-mistral7b.yaml downloads its base model (into HF_HOME on the PVC)
-}
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,14 @@ TARGETS: tuple[Target, ...] = (
         "serveConfigV2",
         SERVE_A100,
     ),
-    Target("runtime-env", "cluster/runtime_env.yaml", "k8s/base/rayjob.yaml", "runtimeEnvYAML", RUNTIME_ENV_HUB),
+    # a100-mistral7b.yaml downloads its base model (into HF_HOME on the PVC): the cluster runtime env has the Hub on
+    Target(
+        "runtime-env",
+        "cluster/runtime_env_cluster.yaml",
+        "k8s/base/rayjob.yaml",
+        "runtimeEnvYAML",
+        RUNTIME_ENV_IN_CLUSTER,
+    ),
     Target(
         "runtime-env-local",
         "cluster/runtime_env.yaml",

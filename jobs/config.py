@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapters.base_models import QuantizationConfig
 from adapters.lora_files import PROJECTIONS
-from jobs.tasks import TASKS
+from jobs.task_config import TaskConfig, parse_task_entries
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -54,8 +53,8 @@ class TrainingSettings(_Strict):
     learning_rate: float = Field(2e-4, gt=0, le=1)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(10, ge=0)
-    max_steps: int | None = Field(200, ge=1)
-    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="null (with epochs null) = each task's default length")
+    epochs: float | None = Field(None, gt=0, description="passes over the training split; fractions allowed")
     micro_batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(512, ge=16)
@@ -74,8 +73,8 @@ class TrainingSettings(_Strict):
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSettings:
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of max_steps and epochs")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set at most one of max_steps and epochs (neither: each task's default length)")
         if self.early_stop_patience is not None and not self.eval_every:
             raise ValueError("early_stop_patience needs eval_every > 0 (early stopping watches the quick evals)")
         return self
@@ -113,18 +112,16 @@ class MlflowSettings(_Strict):
     register_models: bool = True
 
     def uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
+        """cluster/mlflow_uri.py's rule: this field, $MLFLOW_TRACKING_URI, the running local stack, :5000."""
+        from cluster.mlflow_uri import resolve_mlflow_uri
+
+        return resolve_mlflow_uri(self.tracking_uri or None, "http://127.0.0.1:5000") or "http://127.0.0.1:5000"
 
 
 class DeepSpeedSettings(_Strict):
     stage: Literal[2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-
-
-class DataPaths(_Strict):
-    train: str
-    eval: str
 
 
 class SweepConfig(_Strict):
@@ -134,8 +131,11 @@ class SweepConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
-    tasks: list[str] | Literal["all"] = "all"
-    data: dict[str, DataPaths] = Field({}, description="per-task JSONL files replacing the bundled splits")
+    tasks: dict[str, TaskConfig | Literal["bundled"]] = Field(
+        "all",
+        validate_default=True,
+        description="'all' bundled tasks, a list of bundled names, or name -> task config (jobs/task_config.py)",
+    )
     grid: dict[str, list[Any]] = Field({}, description="dotted field -> values; one adapter per combination")
     resources: ResourceSettings = ResourceSettings()
     max_concurrent_trials: int = Field(2, ge=1)
@@ -157,22 +157,38 @@ class SweepConfig(_Strict):
                 raise ValueError("deepspeed: not supported with strategy cotrain (use solo for sharded bases)")
         return self
 
-    @field_validator("tasks")
+    @model_validator(mode="after")
+    def _zero3_fits(self) -> SweepConfig:
+        """ZeRO-3 shards the base: a 4-bit base cannot be sharded, and no rank can decode mid-training."""
+        if self.deepspeed is not None and self.deepspeed.stage == 3:
+            if self.quantization.mode == "nf4":
+                raise ValueError("quantization.mode: nf4 cannot be sharded by deepspeed.stage 3 (ZeRO-3); use "
+                                 "mode none with ZeRO-3, or nf4 with deepspeed.stage 2 or no deepspeed")  # fmt: skip
+            if self.training.eval_every:
+                raise ValueError("training.eval_every: quick evals need the whole model on one rank, which "
+                                 "deepspeed.stage 3 never holds; set 0 (the final evaluation runs on a fresh "
+                                 "unsharded copy of the base)")  # fmt: skip
+            for name, task in self.tasks.items():
+                if task != "bundled" and not task.metric.generates:
+                    raise ValueError(f"tasks.{name}.metric: eval_loss needs the whole model on one rank, which "
+                                     "deepspeed.stage 3 never holds; use a generating metric or deepspeed.stage 2")  # fmt: skip
+        return self
+
+    @model_validator(mode="before")
     @classmethod
-    def _known_tasks(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("list at least one task")
-            for i, name in enumerate(value):
-                if name not in TASKS:
-                    raise ValueError(f"unknown task '{name}' (item {i}); known tasks: {', '.join(sorted(TASKS))}")
-        return value
+    def _no_data_section(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "data" in values:
+            raise ValueError("data: removed; declare each task's files in `tasks:` instead, e.g. tasks: "
+                             "{my_task: {train: train.jsonl, eval: eval.jsonl, metric: exact_match}}")  # fmt: skip
+        return values
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_entries(cls, value: Any) -> Any:
+        return parse_task_entries(value)
 
     @model_validator(mode="after")
-    def _grid_and_data(self) -> SweepConfig:
-        for task in self.data:
-            if task not in self.task_names():
-                raise ValueError(f"data.{task}: not one of this sweep's tasks")
+    def _grid(self) -> SweepConfig:
         for key, values in self.grid.items():
             section, _, field = key.partition(".")
             if section not in ("lora", "training", "quantization", "evaluation") or not field:
@@ -187,7 +203,28 @@ class SweepConfig(_Strict):
         return self
 
     def task_names(self) -> list[str]:
-        return sorted(TASKS) if self.tasks == "all" else list(self.tasks)
+        return list(self.tasks)
+
+    def task_configs(self) -> dict[str, TaskConfig]:
+        """Every task as a TaskConfig (bundled ones from jobs.tasks), in declaration order."""
+        from jobs.tasks import bundled_task_config
+
+        return {name: bundled_task_config(name) if entry == "bundled" else entry for name, entry in self.tasks.items()}
+
+    def with_paths_from(self, base_dir: Path) -> SweepConfig:
+        """This config with relative data paths of user tasks made absolute against `base_dir` (where they exist)."""
+        tasks: dict[str, Any] = {}
+        for name, entry in self.tasks.items():
+            if entry == "bundled":
+                tasks[name] = entry
+                continue
+            update = {}
+            for key in ("train", "eval"):
+                value = getattr(entry, key)
+                if value and "://" not in value and not Path(value).is_absolute() and (base_dir / value).exists():
+                    update[key] = str((base_dir / value).resolve())
+            tasks[name] = entry.model_copy(update=update)
+        return self.model_copy(update={"tasks": tasks})
 
     def grid_points(self) -> list[dict[str, Any]]:
         keys = sorted(self.grid)
@@ -204,7 +241,7 @@ class SweepConfig(_Strict):
             return SweepConfig.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
-            raise ValueError(f"grid point {point}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            raise ValueError(f"grid point {point}: {field_path(first['loc'])}: {first['msg']}") from None
 
     def trials(self) -> list[TrialSpec]:
         specs = []
@@ -240,18 +277,33 @@ class TrialSpec(_Strict):
     lora: LoraSettings
     training: TrainingSettings
     evaluation: EvaluationSettings
-    data: DataPaths | None
+    task_config: TaskConfig
+    bundled: bool  # one of jobs.tasks' bundled tasks (its committed splits, prompt and metric)
     deepspeed: DeepSpeedSettings | None
     registered_model: str
 
     @classmethod
     def build(cls, config: SweepConfig, task: str, point: dict[str, Any]) -> TrialSpec:
+        from jobs.training_length import default_length
+
         point_id = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
         name = task if not point else f"{task}-{point_id}"
+        bundled = config.tasks[task] == "bundled"
+        training = config.training
+        if training.max_steps is None and training.epochs is None:
+            training = training.model_copy(update=default_length(bundled))
         return cls(sweep=config.name, task=task, adapter_name=name, point=point, point_id=point_id,
                    base_model=config.base_model, quantization=config.quantization, lora=config.lora,
-                   training=config.training, evaluation=config.evaluation, data=config.data.get(task),
-                   deepspeed=config.deepspeed, registered_model=f"{config.mlflow.registry_prefix}{task}")  # fmt: skip
+                   training=training, evaluation=config.evaluation, task_config=config.task_configs()[task],
+                   bundled=bundled, deepspeed=config.deepspeed,
+                   registered_model=f"{config.mlflow.registry_prefix}{task}")  # fmt: skip
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as the dotted field a user wrote (union branch labels such as
+    `function-after[...]` or `literal['bundled']` left out)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "(" in p))]
+    return ".".join(parts) or "(top level)"
 
 
 class ConfigError(ValueError):
@@ -270,19 +322,24 @@ def load_config(path: str | Path) -> SweepConfig:
         return SweepConfig.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        where = field_path(first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {where}: {msg}") from None
+
+
+def load_config_or_exit(path: str | Path) -> SweepConfig:
+    """`load_config` for command-line entry points: a bad config exits with its one-line error."""
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Validate a sweep config and list its trials.")
     parser.add_argument("config")
     args = parser.parse_args()
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    config = load_config_or_exit(args.config)
     for number, group in enumerate(config.groups(), 1):
         if config.strategy == "cotrain":
             print(f"co-training group {number} ({len(group)} adapters over one base):")

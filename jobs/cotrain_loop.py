@@ -28,11 +28,13 @@ import torch
 from adapters.trainable_lora import AdapterShape, TrainableLoraBank
 from jobs.config import TrialSpec, load_config
 from jobs.cotrain_state import Member, load_group_checkpoint, save_group_checkpoint
-from jobs.data import collate, encode_rows
+from jobs.data import collate
 from jobs.evaluate import BASE, evaluate
 from jobs.model_setup import make_optimizer, make_scheduler, prepare_for_lora, total_steps
-from jobs.tasks import get_task, load_split
-from jobs.train_loop import TrainOutcome, peak_memory_mb, to_device
+from jobs.precision import enable_tf32, training_autocast
+from jobs.task_runtime import prepare_task
+from jobs.train_loop import TrainOutcome, example_input, peak_memory_mb, to_device
+from jobs.training_length import epochs_seen
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ def cotrain(specs: list[TrialSpec], hooks: GroupHooks, out_dir: Path, resume: Pa
     the eval split unless `final_eval` is False: benchmarks)."""
     check_group(specs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    enable_tf32(device)  # CUDA only, like a solo run (jobs/precision.py)
+    autocast = specs[0].quantization.compute_dtype  # one base, one compute dtype for the whole group
     base = prepare_base(specs[0], device)
     model, tokenizer = base.model, base.tokenizer
     shapes = [AdapterShape(s.adapter_name, s.lora.r, s.lora.alpha, s.lora.dropout, tuple(s.lora.modules()),
@@ -105,12 +109,9 @@ def cotrain(specs: list[TrialSpec], hooks: GroupHooks, out_dir: Path, resume: Pa
     bank = TrainableLoraBank(model, shapes, device)
     members = []
     for k, spec in enumerate(specs):
-        task = get_task(spec.task)
-        train_rows = load_split(spec.task, "train", Path(spec.data.train) if spec.data else None)
-        eval_rows = load_split(spec.task, "eval", Path(spec.data.eval) if spec.data else None)
-        examples = encode_rows(tokenizer, task, train_rows, spec.training.max_seq_len)
+        task = prepare_task(spec, tokenizer)
         optimizer = make_optimizer(spec, bank.parameters(k))
-        member = Member.build(spec, k, task, tokenizer, examples, eval_rows[: spec.evaluation.max_examples], optimizer)
+        member = Member.build(spec, k, task, tokenizer, task.train, task.eval, optimizer)
         member.total_steps = total_steps(spec, member.batches.per_epoch)
         member.scheduler = make_scheduler(spec, optimizer, member.total_steps)
         members.append(member)
@@ -133,7 +134,8 @@ def cotrain(specs: list[TrialSpec], hooks: GroupHooks, out_dir: Path, resume: Pa
             chunk.sort(key=lambda item: item[1].slot)  # each adapter's rows side by side: the operator's fast path
             batch = to_device(collate([row for row, _ in chunk], pad_id, dtype), device, dtype)
             bank.use(torch.tensor([m.slot for _, m in chunk], device=device), batch["input_ids"].shape[1])
-            sums, counts = row_loss_sums(model, batch)
+            with training_autocast(device, autocast):  # bf16 autocast on CUDA, nothing on CPU
+                sums, counts = row_loss_sums(model, batch)
             scale = torch.tensor([1.0 / max(m.window_targets, 1) for _, m in chunk], device=sums.device)
             (sums * scale).sum().backward()  # each adapter's own solo loss; its rows may span several chunks
             tokens = (batch["input_ids"] != pad_id).sum(dim=1).tolist()
@@ -203,13 +205,21 @@ def _optimizer_step(bank: TrainableLoraBank, m: Member) -> None:
 
 
 @torch.no_grad()
-def _eval_loss(bank: TrainableLoraBank, model: Any, m: Member, rows: list[dict], pad_id: int,
-               dtype: torch.dtype, device: str) -> float:  # fmt: skip
-    examples = encode_rows(m.tokenizer, m.task, rows, m.spec.training.max_seq_len)
-    batch = to_device(collate([[e] for e in examples], pad_id, dtype), device, dtype)
-    bank.use(torch.full((len(examples),), m.slot, device=device), batch["input_ids"].shape[1])
-    sums, counts = row_loss_sums(model, batch)
-    return float(sums.sum()) / max(int(counts.sum()), 1)
+def _eval_loss(bank: TrainableLoraBank, model: Any, m: Member, rows: list[Any], pad_id: int,
+               dtype: torch.dtype, device: str, adapter: bool = True) -> float:  # fmt: skip
+    """Mean completion-token loss of `rows` with this member's adapter (or, `adapter=False`, the plain base)."""
+    examples = m.task.encode(m.tokenizer, rows)
+    total, count, size = 0.0, 0, m.spec.evaluation.batch_size
+    for i in range(0, len(examples), size):
+        batch = to_device(collate([[e] for e in examples[i : i + size]], pad_id, dtype), device, dtype)
+        if adapter:
+            bank.use(torch.full((batch["input_ids"].shape[0],), m.slot, device=device), batch["input_ids"].shape[1])
+            sums, counts = row_loss_sums(model, batch)
+        else:
+            with bank.disabled():
+                sums, counts = row_loss_sums(model, batch)
+        total, count = total + float(sums.sum()), count + int(counts.sum())
+    return total / max(count, 1)
 
 
 def quick_eval(bank: TrainableLoraBank, base: Any, m: Member, pad_id: int, dtype: torch.dtype,
@@ -219,13 +229,15 @@ def quick_eval(bank: TrainableLoraBank, base: Any, m: Member, pad_id: int, dtype
     base.model.eval()
     try:
         eval_loss = _eval_loss(bank, base.model, m, rows, pad_id, dtype, device)
+        if not m.task.metric.generates:
+            return {"eval_loss": eval_loss}
         with tempfile.TemporaryDirectory() as tmp, bank.disabled():
             folder = bank.save(m.index, Path(tmp) / "adapter", base.name, base.fingerprint)
-            score = evaluate(base, m.task, rows, {"adapter": folder}, m.spec.evaluation.max_new_tokens,
+            score = evaluate(base, rows, m.task.metric, {"adapter": folder}, m.spec.evaluation.max_new_tokens,
                              m.spec.evaluation.batch_size, m.spec.lora.r)["adapter"].score  # fmt: skip
     finally:
         base.model.train()
-    return {"eval_loss": eval_loss, f"eval_{m.task.metric}": score}
+    return {"eval_loss": eval_loss, f"eval_{m.task.metric_label}": score}
 
 
 def finish(bank: TrainableLoraBank, base: Any, members: list[Member], out_dir: Path, device: str,
@@ -236,31 +248,45 @@ def finish(bank: TrainableLoraBank, base: Any, members: list[Member], out_dir: P
     folders = {}
     for m in members:
         folder = bank.save(m.index, out_dir / m.spec.adapter_name, base.name, base.fingerprint, base.path)
+        m.task.prompt_format().write(folder)
         folders[m.spec.adapter_name] = folder
         seconds = m.finished_seconds or 0.0
+        t = m.spec.training
         outcomes[m.spec.adapter_name] = TrainOutcome(
             folder, m.step, m.last_loss, m.seen_tokens / max(seconds, 1e-9), seconds, peak_memory_mb(device),
             math.nan, math.nan,
+            epochs=epochs_seen(m.step, t.micro_batch_size, t.grad_accum, 1, len(m.batches.units)),
+            prompt_format=m.task.prompt_format().model_dump(),
         )  # fmt: skip
     by_eval: dict[str, list[Member]] = defaultdict(list)
     for m in members if final_eval else []:
-        by_eval[f"{m.spec.task}|{m.spec.data}|{m.spec.evaluation.model_dump_json()}"].append(m)
+        key = f"{m.spec.task}|{m.spec.task_config.model_dump_json()}|{m.spec.evaluation.model_dump_json()}"
+        by_eval[key].append(m)
     base.model.eval()
-    with bank.disabled():
-        for group in by_eval.values():
-            first = group[0]
-            adapters = {BASE: None, **{m.spec.adapter_name: folders[m.spec.adapter_name] for m in group}}
-            results = evaluate(base, first.task, first.eval_rows, adapters, first.spec.evaluation.max_new_tokens,
-                               first.spec.evaluation.batch_size, max(m.spec.lora.r for m in group))  # fmt: skip
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.tokenizer.eos_token_id
+    dtype = next(p for p in base.model.parameters() if p.dtype.is_floating_point).dtype
+    for group in by_eval.values():
+        first = group[0]
+        if not first.task.metric.generates:  # eval_loss: the base's loss and each adapter's
+            base_loss = _eval_loss(bank, base.model, first, first.eval_rows, pad_id, dtype, device, adapter=False)
             for m in group:
                 outcome = outcomes[m.spec.adapter_name]
-                outcome.base_score = results[BASE].score
-                outcome.adapter_score = results[m.spec.adapter_name].score
-                outcome.examples = [
-                    {"input": r["input"], "expected": r["output"], "base": b, "adapter": a}
-                    for r, b, a in zip(m.eval_rows[:5], results[BASE].predictions,
-                                       results[m.spec.adapter_name].predictions, strict=False)
-                ]  # fmt: skip
+                outcome.base_score = base_loss
+                outcome.adapter_score = _eval_loss(bank, base.model, m, m.eval_rows, pad_id, dtype, device)
+            continue
+        adapters = {BASE: None, **{m.spec.adapter_name: folders[m.spec.adapter_name] for m in group}}
+        with bank.disabled():
+            results = evaluate(base, first.eval_rows, first.task.metric, adapters, first.spec.evaluation.max_new_tokens,
+                               first.spec.evaluation.batch_size, max(m.spec.lora.r for m in group))  # fmt: skip
+        for m in group:
+            outcome, mine = outcomes[m.spec.adapter_name], results[m.spec.adapter_name]
+            outcome.base_score, outcome.adapter_score = results[BASE].score, mine.score
+            outcome.details = {**{f"base_{k}": v for k, v in results[BASE].details.items()},
+                               **{f"adapter_{k}": v for k, v in mine.details.items()}}  # fmt: skip
+            outcome.examples = [
+                {"input": example_input(ex), "expected": ex.reference, "base": b, "adapter": a}
+                for ex, b, a in zip(m.eval_rows[:5], results[BASE].predictions, mine.predictions, strict=False)
+            ]  # fmt: skip
     return outcomes
 
 

@@ -32,7 +32,7 @@ class Member:
     task: Any
     tokenizer: Any
     batches: Batches
-    eval_rows: list[dict]
+    eval_rows: list[Any]  # jobs.task_data.Example rows scored at the end
     optimizer: Any
     stopper: EarlyStop
     scheduler: Any = None
@@ -51,7 +51,7 @@ class Member:
 
     @classmethod
     def build(cls, spec: TrialSpec, index: int, task: Any, tokenizer: Any, examples: list[Encoded],
-              eval_rows: list[dict], optimizer: Any) -> Member:  # fmt: skip
+              eval_rows: list[Any], optimizer: Any) -> Member:  # fmt: skip
         t = spec.training
         batches = Batches(examples, t.micro_batch_size, t.max_seq_len, t.packing, t.seed)
         return cls(spec, index, task, tokenizer, batches, eval_rows, optimizer, EarlyStop(t.early_stop_patience))

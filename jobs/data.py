@@ -1,20 +1,29 @@
-"""Training data: task rows -> token ids with the base model's chat template, loss only on the completion.
+"""Training data: Examples -> token ids and labels (loss only on what the model should learn), and micro-batches.
 
-`encode_row` splits the templated conversation into the prompt (system + user + the assistant header: label
--100) and the completion (the answer and the template's end-of-turn: trained). `Batches` yields micro-batches in
-a seeded order that is a pure function of (seed, epoch, position), so a resumed run continues exactly where the
-checkpoint left off. With `packing`, several examples share one row: positions restart per example and a
-block-diagonal attention mask keeps them from seeing each other, so packed loss equals unpacked loss.
+`encode_example` renders a chat example with the base model's own chat template and trains on every assistant turn
+(each ending with the template's end-of-turn token); a completion example is `tokenizer(prompt)` (with special
+tokens, as /v1/completions does) + `tokenizer(completion)` + eos, trained on completion + eos. Rows longer than
+`max_len` are cut from the end, dropped or refused (`overlength`). `eval_prompt_ids` is exactly what the server
+feeds the model for the same example (serve_app/model_service.py `ModelService.encode`).
+`Batches` yields micro-batches in a seeded order that is a pure function of (seed, epoch, position), so a resumed run
+continues exactly where the checkpoint left off. With `packing`, several examples share one row: positions restart
+per example and a block-diagonal attention mask keeps them from seeing each other, so packed loss equals unpacked.
+
+    from jobs.data import encode_examples, eval_prompt_ids
+    encoded, stats = encode_examples(tokenizer, task_data.train, max_len=512, overlength="truncate")
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from jobs.task_data.errors import DatasetError
+from jobs.task_data.example import Example
 
 IGNORE = -100
 
@@ -25,32 +34,139 @@ class Encoded:
     labels: list[int]
 
 
-def prompt_text(tokenizer: Any, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+@dataclass
+class OverlengthStats:
+    """What `encode_examples` did with rows longer than max_seq_len (and with chat templates that rewrite turns)."""
+
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    longest: int = 0  # tokens of the longest row before any cut
+    template_fallbacks: int = 0  # rows trained on the last answer only (the template rewrites earlier turns)
+    over: list[str] = field(default_factory=list)  # `where` of the first few rows over the limit
+
+    @property
+    def kept(self) -> int:
+        return self.rows - self.dropped
 
 
-def encode_row(tokenizer: Any, messages: list[dict], completion: str, max_len: int) -> Encoded | None:
-    """Token ids and labels for one example; None if the prompt alone does not fit `max_len`."""
-    prompt = prompt_text(tokenizer, messages)
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
-    if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to answer + eos
-        tail = completion + (tokenizer.eos_token or "")
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _chat_pieces(tokenizer: Any, example: Example) -> tuple[list[tuple[str, bool]], bool]:
+    """The rendered conversation as (text, trained) pieces, and whether the fallback was needed.
+
+    Each trained assistant turn spans from the end of render(turns before it, generation prompt) to the end of
+    render(turns up to it); both must be prefixes of the whole rendering. A template that rewrites earlier turns
+    breaks that: then only the last answer is trained (the existing rendering's tail, or answer + eos)."""
+    messages = [dict(m) for m in example.messages]
+    full = _render(tokenizer, messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if example.loss_turns == "last":
+        turns = turns[-1:]
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for i in turns:
+        start, end = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1])
+        if not (full.startswith(start) and full.startswith(end) and pos <= len(start) < len(end)):
+            break
+        pieces += [(full[pos : len(start)], False), (full[len(start) : len(end)], True)]
+        pos = len(end)
     else:
+        return [*pieces, (full[pos:], False)], False
+    prompt = _render(tokenizer, messages[: turns[-1]], True)
+    if full.startswith(prompt) and len(full) > len(prompt):
         tail = full[len(prompt) :]
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
-    if len(prompt_ids) >= max_len:
-        return None
-    tail_ids = tail_ids[: max_len - len(prompt_ids)]
-    return Encoded(prompt_ids + tail_ids, [IGNORE] * len(prompt_ids) + tail_ids)
+    else:
+        tail = messages[turns[-1]]["content"] + (tokenizer.eos_token or "")
+    return [(prompt, False), (tail, True)], True
 
 
-def encode_rows(tokenizer: Any, task: Any, rows: list[dict], max_len: int) -> list[Encoded]:
-    encoded = [encode_row(tokenizer, task.messages(row), row["output"], max_len) for row in rows]
-    kept = [e for e in encoded if e is not None]
+def render_example(tokenizer: Any, example: Example) -> tuple[Encoded, bool]:
+    """The whole example as token ids and labels (no length limit); True when the template fallback was used."""
+    eos = tokenizer.eos_token_id
+    if example.mode == "completion":
+        prompt_ids = tokenizer(example.prompt, add_special_tokens=True).input_ids
+        answer = _ids(tokenizer, example.completion) + ([eos] if eos is not None else [])
+        return Encoded(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer), False
+    pieces, fallback = _chat_pieces(tokenizer, example)
+    tokenized = [(_ids(tokenizer, text), trained) for text, trained in pieces if text]
+    last = max(i for i, (_, trained) in enumerate(tokenized) if trained)
+    special = set(tokenizer.all_special_ids)
+    if eos is not None and not special.intersection(tokenized[last][0]):  # a template with no end-of-turn token
+        tokenized[last] = ([*tokenized[last][0], eos], True)
+    ids = [t for part, _ in tokenized for t in part]
+    labels = [t if trained else IGNORE for part, trained in tokenized for t in part]
+    return Encoded(ids, labels), fallback
+
+
+def _fit(full: Encoded, max_len: int, overlength: str, where: str) -> tuple[Encoded | None, str]:
+    """(encoded, "ok" | "truncated" | "dropped") under the overlength policy; raises DatasetError for "error"."""
+    n = len(full.input_ids)
+    if n <= max_len:
+        return full, "ok"
+    if overlength == "error":
+        raise DatasetError(f"{where}: {n} tokens, longer than max_seq_len={max_len} (overlength: error); shorten "
+                           "the row, raise training.max_seq_len, or set overlength: truncate or drop")  # fmt: skip
+    if overlength == "drop":
+        return None, "dropped"
+    cut = Encoded(full.input_ids[:max_len], full.labels[:max_len])
+    if all(label == IGNORE for label in cut.labels):  # the prompt alone fills max_len: nothing left to learn
+        return None, "dropped"
+    return cut, "truncated"
+
+
+def encode_example(tokenizer: Any, example: Example, max_len: int, overlength: str = "truncate") -> Encoded | None:
+    """Token ids and labels of one example within `max_len`: truncate (cut from the end; None if no trained token
+    is left), drop (None) or error (DatasetError naming the row)."""
+    return _fit(render_example(tokenizer, example)[0], max_len, overlength, example.where)[0]
+
+
+def encode_examples(tokenizer: Any, examples: list[Example], max_len: int,
+                    overlength: str = "truncate") -> tuple[list[Encoded], OverlengthStats]:  # fmt: skip
+    """Encode every example; with overlength "error", one DatasetError counts and names the rows over the limit."""
+    stats = OverlengthStats(rows=len(examples))
+    kept: list[Encoded] = []
+    too_long: list[str] = []
+    for example in examples:
+        full, fallback = render_example(tokenizer, example)
+        stats.longest = max(stats.longest, len(full.input_ids))
+        stats.template_fallbacks += fallback
+        if len(full.input_ids) > max_len:
+            too_long.append(f"{example.where} ({len(full.input_ids)} tokens)")
+            if overlength == "error":
+                continue
+        encoded, status = _fit(full, max_len, "truncate" if overlength == "error" else overlength, example.where)
+        stats.truncated += status == "truncated"
+        stats.dropped += status == "dropped"
+        if encoded is not None:
+            kept.append(encoded)
+    stats.over = too_long[:5]
+    if too_long and overlength == "error":
+        raise DatasetError(f"{len(too_long)} of {len(examples)} rows are longer than max_seq_len={max_len} "
+                           f"(overlength: error): {', '.join(too_long[:5])}{' ...' if len(too_long) > 5 else ''}; "
+                           "raise training.max_seq_len or set overlength: truncate or drop")  # fmt: skip
     if not kept:
-        raise ValueError(f"no example of task {task.name} fits max_seq_len={max_len}")
-    return kept
+        raise DatasetError(f"no example fits max_seq_len={max_len} ({stats.dropped} dropped); raise it")
+    return kept, stats
+
+
+def eval_prompt_ids(tokenizer: Any, example: Example) -> list[int]:
+    """The prompt the model answers at evaluation time; the same ids the server builds for the same request
+    (chat: the messages before the last answer + the generation prompt; completion: the raw prompt)."""
+    if example.mode == "chat":
+        return _ids(tokenizer, _render(tokenizer, example.prompt_messages(), True))
+    return tokenizer(example.prompt, add_special_tokens=True).input_ids
+
+
+def prompt_text(tokenizer: Any, messages: list[dict]) -> str:
+    """The chat template's rendering of `messages` followed by the assistant's generation prompt."""
+    return _render(tokenizer, messages, True)
 
 
 def pack(examples: list[Encoded], max_len: int) -> list[list[Encoded]]:

@@ -1,12 +1,11 @@
-"""The end of a sweep: a summary table (task, adapter, base score, adapter score, delta, train time, tokens/s)
-printed with rich, and a LoRA-Land-style bar chart (base vs adapter per task) saved as PNG."""
+"""The end of a sweep: a summary table (task, adapter, metric, base score, adapter score, delta, epochs seen, train
+time, tokens/s, registry version) printed with rich, and a LoRA-Land-style bar chart (base vs adapter per task)
+saved as PNG. Used by jobs/sweep.py; `delta` is the adapter's improvement (for `eval_loss`: the loss it removed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-COLUMNS = ("task", "adapter", "metric", "base", "adapter_score", "delta", "train_s", "tokens_per_s", "version")
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -14,13 +13,14 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for name in ("task", "adapter", "metric", "base", "adapter", "delta", "train time", "tokens/s", "registry"):
+    for name in ("task", "adapter", "metric", "base", "adapter", "delta", "epochs", "train time", "tokens/s",
+                 "registry"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("task", "adapter", "metric", "registry") else "right")
     for row in rows:
         delta = row["delta"]
         table.add_row(row["task"], row["adapter"], row["metric"], f"{row['base']:.1f}", f"{row['adapter_score']:.1f}",
                       f"[{'green' if delta >= 20 else 'yellow' if delta > 0 else 'red'}]{delta:+.1f}[/]",
-                      f"{row['train_s']:.0f}s", f"{row['tokens_per_s']:.0f}", row.get("version") or "-")  # fmt: skip
+                      f"{row.get('epochs', float('nan')):.2f}", f"{row['train_s']:.0f}s", f"{row['tokens_per_s']:.0f}", row.get("version") or "-")  # fmt: skip
     Console(width=140).print(table)
 
 
@@ -32,7 +32,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if row["task"] not in best or row["adapter_score"] > best[row["task"]]["adapter_score"]:
+        if row["task"] not in best or row["delta"] > best[row["task"]]["delta"]:  # delta: higher is better for all
             best[row["task"]] = row
     tasks = sorted(best)
     x = range(len(tasks))

@@ -1,17 +1,23 @@
 """Build what one adapter's training needs: the (Q)LoRA model on a frozen base, the optimizer, the LR schedule,
-and — for bases larger than one GPU — a DeepSpeed ZeRO-2/3 engine in their place."""
+the precision it runs in (bf16 autocast + TF32 on CUDA, fp32 on CPU: jobs/precision.py), and — for bases larger
+than one GPU — a DeepSpeed ZeRO-2/3 engine in their place (ZeRO-3 shards the base while loading it:
+jobs/deepspeed_zero.py). Not a script; used by jobs/train_loop.py and jobs/cotrain_loop.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from adapters.base_models import LoadedBase, load_base
-from jobs.config import DeepSpeedSettings, TrialSpec
+from adapters.base_models import LoadedBase, QuantizationConfig, load_base
+from jobs.config import TrialSpec
+from jobs.deepspeed_zero import deepspeed_config, release_sharding, shard_from_start
+from jobs.precision import enable_tf32, prepare_kbit_model, training_autocast
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +30,22 @@ class TrainingSetup:
     scheduler: Any
     total_steps: int
     deepspeed_engine: Any = None
+    autocast: Any = None  # () -> the context each training forward runs in (bf16 autocast on CUDA)
+    zero3: bool = False  # the model's parameters are ZeRO-3 shards (no single rank holds the model)
+    sharding: Any = None  # the registered HfDeepSpeedConfig (ZeRO-3), kept alive while the engine lives
+    base_ref: str = ""  # the config's base_model, for a fresh copy (ZeRO-3 evaluation)
+    device: str = "cpu"
+
+    def forward_context(self) -> Any:
+        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
 
 
 def prepare_for_lora(base: LoadedBase, gradient_checkpointing: bool) -> Any:
-    """The frozen base made ready for LoRA training (k-bit preparation, gradient checkpointing); solo runs and
-    co-training alike."""
-    from peft import prepare_model_for_kbit_training
-
+    """The frozen base made ready for LoRA training (k-bit preparation without upcasting activations, gradient
+    checkpointing); solo runs and co-training alike."""
     model = base.model
     if base.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+        model = prepare_kbit_model(model, gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -44,7 +55,7 @@ def prepare_for_lora(base: LoadedBase, gradient_checkpointing: bool) -> Any:
 def build_peft_model(spec: TrialSpec, device: str) -> tuple[LoadedBase, Any]:
     from peft import LoraConfig, get_peft_model
 
-    base = load_base(spec.base_model, spec.quantization, device=device)
+    base = load_base(spec.base_model, spec.quantization, device=device)  # sharded if a ZeRO-3 config is registered
     model = prepare_for_lora(base, spec.training.gradient_checkpointing)
     lora = LoraConfig(
         r=spec.lora.r,
@@ -88,40 +99,51 @@ def make_scheduler(spec: TrialSpec, optimizer: torch.optim.Optimizer, steps: int
                          num_training_steps=steps)  # fmt: skip
 
 
-def deepspeed_config(settings: DeepSpeedSettings, spec: TrialSpec, world: int) -> dict[str, Any]:
-    """A ZeRO config for the trial's batch sizes; optimizer and schedule stay ours (passed in)."""
-    zero: dict[str, Any] = {"stage": settings.stage, "overlap_comm": True, "contiguous_gradients": True}
-    if settings.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if settings.offload_params and settings.stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config = {
-        "train_micro_batch_size_per_gpu": spec.training.micro_batch_size,
-        "gradient_accumulation_steps": spec.training.grad_accum,
-        "train_batch_size": spec.training.micro_batch_size * spec.training.grad_accum * world,
-        "zero_optimization": zero,
-        "gradient_clipping": spec.training.max_grad_norm or 0.0,
-        "zero_allow_untested_optimizer": True,
-    }
-    if torch.cuda.is_available() and spec.quantization.compute_dtype in ("auto", "bfloat16"):
-        config["bf16"] = {"enabled": True}
-    return config
-
-
 def build_training(spec: TrialSpec, device: str, batches_per_epoch: int, world: int) -> TrainingSetup:
+    ds_config = deepspeed_config(spec.deepspeed, spec, world) if spec.deepspeed is not None else None
+    sharding = shard_from_start(ds_config) if ds_config is not None else None  # alive until deepspeed.initialize
+    if enable_tf32(device):
+        log.info("TF32 matmuls enabled on %s", device)
     base, model = build_peft_model(spec, device)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = total_steps(spec, batches_per_epoch)
     optimizer = make_optimizer(spec, params)
     scheduler = make_scheduler(spec, optimizer, steps)
-    setup = TrainingSetup(base, model, optimizer, scheduler, steps)
+    setup = TrainingSetup(base, model, optimizer, scheduler, steps, base_ref=spec.base_model, device=device)
     if spec.deepspeed is not None:
         import deepspeed
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(spec.deepspeed, spec, world), model_parameters=params,
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, model_parameters=params,
         )  # fmt: skip
         setup.deepspeed_engine, setup.optimizer, setup.scheduler = engine, optimizer, scheduler
-        log.info("DeepSpeed ZeRO-%d engine ready", spec.deepspeed.stage)
+        setup.zero3, setup.sharding = sharding is not None, sharding
+        log.info("DeepSpeed ZeRO-%d engine ready (base sharded while loading: %s)", spec.deepspeed.stage, setup.zero3)
+    else:  # DeepSpeed's bf16 config does the engine's casting; plain runs autocast on CUDA
+        compute = spec.quantization.compute_dtype
+        setup.autocast = lambda: training_autocast(device, compute)
     return setup
+
+
+@contextlib.contextmanager
+def eval_base(setup: TrainingSetup, plain_view: contextlib.AbstractContextManager[LoadedBase]) -> Iterator[LoadedBase]:
+    """The base that rank 0's evaluation decodes with: the trained model with its LoRA bypassed (`plain_view`),
+    or under ZeRO-3 — where no rank holds the whole model — a fresh, unsharded copy of the base (4-bit nf4 on
+    CUDA, so a base too big for one GPU in bf16 still fits; the config's dtype on CPU), dropped afterwards."""
+    if not setup.zero3:
+        with plain_view as plain:
+            yield plain
+        return
+    release_sharding()
+    setup.sharding = None
+    on_cuda = setup.device.startswith("cuda")
+    quant = QuantizationConfig(mode="nf4" if on_cuda else "none")
+    kind = "nf4" if on_cuda else "unquantized"
+    print(f"ZeRO-3: rank 0 evaluates on a fresh unsharded copy of {setup.base_ref} ({kind})", flush=True)
+    fresh = load_base(setup.base_ref, quant, device=setup.device)
+    try:
+        yield fresh
+    finally:
+        del fresh
+        if on_cuda:
+            torch.cuda.empty_cache()

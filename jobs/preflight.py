@@ -1,35 +1,45 @@
 """Checks run before a sweep trains or writes anything: each failure is one line naming the problem.
 
-Unknown tasks and bad fields are caught by the config itself; here: dataset files exist and every row has the
-required fields, the base model resolves, the trials fit the cluster, GPU-only options have a GPU, and MLflow
-answers. Nothing is registered in MLflow unless all of this passes.
+Unknown tasks and bad fields are caught by the config itself; here: the base model resolves, every task's data
+passes the same checks as `lorafleet data check` (files readable, format detected, every row valid, references fit
+the metric, rows over max_seq_len counted), the trials fit the cluster, GPU-only options have a GPU, and MLflow
+answers. Nothing is registered in MLflow or started on the cluster unless all of this passes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from jobs.config import SweepConfig
-from jobs.tasks import DatasetError, UnknownTask, load_split
 
 
 class PreflightError(RuntimeError):
     pass
 
 
-def check_datasets(config: SweepConfig) -> dict[str, int]:
-    sizes = {}
-    for task in config.task_names():
-        paths = config.data.get(task)
-        for split in ("train", "eval"):
-            path = Path(getattr(paths, split)) if paths else None
-            try:
-                rows = load_split(task, split, path)
-            except (FileNotFoundError, DatasetError, UnknownTask) as err:
-                raise PreflightError(f"dataset: {err}") from None
-            sizes[f"{task}/{split}"] = len(rows)
-    return sizes
+def check_datasets(config: SweepConfig, tokenizer: Any = None) -> dict[str, Any]:
+    """Every task through `jobs.task_data.check` (what `lorafleet data check` prints); the first errors stop the
+    sweep. Returns {task: report} (rows per split, detected format, data fingerprint, warnings)."""
+    from jobs.task_data import DatasetError
+    from jobs.task_data.check import check_task
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from adapters.base_models import resolve_base
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(config.base_model).path)
+    reports = {}
+    for name, task in config.task_configs().items():
+        try:
+            report = check_task(name, task, tokenizer, config.training.max_seq_len)
+        except DatasetError as err:
+            raise PreflightError(f"tasks.{name}: {err}") from None
+        if report.errors:
+            more = f" (and {len(report.errors) - 1} more: run `lorafleet data check`)" if len(report.errors) > 1 else ""
+            raise PreflightError(f"tasks.{name}: {report.errors[0]}{more}")
+        reports[name] = report
+    return reports
 
 
 def check_base_model(config: SweepConfig) -> str:
@@ -77,8 +87,26 @@ def check_mlflow(config: SweepConfig) -> None:
 
 
 def run_preflight(config: SweepConfig, cluster: dict[str, Any]) -> dict[str, Any]:
-    sizes = check_datasets(config)
     base_path = check_base_model(config)
+    sizes = check_datasets(config)
     check_resources(config, cluster)
     check_mlflow(config)
+    check_storage(config)
     return {"datasets": sizes, "base_path": base_path}
+
+
+def check_storage(config: SweepConfig) -> None:
+    """`storage_path` must be one place for every node: a URI with a scheme pyarrow/fsspec opens, or on a cluster
+    with more than one alive node an absolute path every node sees (jobs/storage.py)."""
+    import ray
+
+    from jobs import storage
+
+    try:
+        if storage.is_uri(config.storage_path):
+            storage.check_uri_scheme(config.storage_path)
+        elif ray.is_initialized():
+            storage.check_shared_storage(config.storage_path, storage.alive_ray_nodes(),
+                                         storage.ray_visible_on_every_node)  # fmt: skip
+    except storage.StorageError as err:
+        raise PreflightError(str(err)) from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import SweepConfig, TrialSpec
+from jobs.gpu_share import cap_memory
 from jobs.ray_train import RayHooks, copy_resume_checkpoint, fit_trainer
 
 OUTCOMES_FILE = "outcomes.json"
@@ -53,6 +54,8 @@ def cotrain_worker(config: dict[str, Any]) -> None:
     from jobs.cotrain_loop import cotrain
 
     specs = [TrialSpec.model_validate(s) for s in config["specs"]]
+    device = str(ray.train.torch.get_device())
+    cap_memory(config.get("gpus_per_worker", 0.0), device)  # a fractional GPU: stay within this worker's share
     hooks = GroupRayHooks(specs, config["run_ids"], config["tracking_uri"], config["experiment"])
     with tempfile.TemporaryDirectory() as tmp:
         resume = copy_resume_checkpoint(Path(tmp), f"group {group_id(specs)}, {len(specs)} adapters")
@@ -60,7 +63,7 @@ def cotrain_worker(config: dict[str, Any]) -> None:
             ray.train.report({"finished": 1}, checkpoint=ray.train.Checkpoint.from_directory(str(resume)))
             return
         out = Path(tmp) / "final"
-        outcomes = cotrain(specs, hooks, out, resume, str(ray.train.torch.get_device()))
+        outcomes = cotrain(specs, hooks, out, resume, device)
         hooks.close()  # every adapter's metrics in MLflow before its run is marked finished
         records = {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()}
                    for name, o in outcomes.items()}  # fmt: skip

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import SweepConfig, TrialSpec
+from jobs.gpu_share import cap_memory
+from jobs.storage import is_uri
 
 log = logging.getLogger(__name__)
 OUTCOME_FILE = "outcome.json"
@@ -145,6 +147,26 @@ def copy_resume_checkpoint(tmp: Path, who: str) -> Path | None:
     return resume
 
 
+def tag_node(tracking_uri: str, run_id: str) -> threading.Thread:
+    """Tag the run with this worker's Ray node, on a side thread: an MLflow that is restarting (its client retries
+    for minutes) must not hold up training."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def send() -> None:
+        from mlflow import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri).set_tag(run_id, "ray_node_id", node_id)
+        except Exception as err:  # a tag is not worth failing the training for
+            print(f"warning: could not tag run {run_id} with its Ray node: {err}", flush=True)
+
+    thread = threading.Thread(target=send, name="mlflow-node-tag", daemon=True)
+    thread.start()
+    return thread
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -155,7 +177,10 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     hooks = RayHooks(spec, config["run_id"], config["tracking_uri"], config["experiment"], rank)
+    if rank == 0:  # the node this attempt trains on (a retry after a lost node overwrites it): MLflow tag ray_node_id
+        tag_node(config["tracking_uri"], config["run_id"])
     device = str(ray.train.torch.get_device())
+    cap_memory(config.get("gpus_per_worker", 0.0), device)  # a fractional GPU: stay within this worker's share
     with tempfile.TemporaryDirectory() as tmp:
         resume = copy_resume_checkpoint(Path(tmp), spec.adapter_name)
         wrap = ray.train.torch.prepare_model if world > 1 and spec.deepspeed is None else None
@@ -182,15 +207,23 @@ def fit_trainer(config: SweepConfig, worker: Any, loop_config: dict[str, Any], n
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
-    storage = config.storage_path
+    storage = config.storage_path  # resolved once by the sweep driver (jobs.storage.resolve_storage)
+    if not is_uri(storage) and not Path(storage).is_absolute():
+        raise ValueError(f"storage_path {storage!r} must be absolute or a URI here: the driver resolves it once "
+                         "(jobs.storage.resolve_storage), not each worker in its own directory")  # fmt: skip
     trainer = TorchTrainer(
         worker,
-        train_loop_config={**loop_config, "tracking_uri": config.mlflow.uri(), "experiment": config.mlflow.experiment},
+        train_loop_config={
+            **loop_config,
+            "tracking_uri": config.mlflow.uri(),
+            "experiment": config.mlflow.experiment,
+            "gpus_per_worker": res.gpus_per_worker,
+        },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=storage if "://" in storage else str(Path(storage).expanduser().absolute()),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -17,7 +17,6 @@ checkpoints.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -28,20 +27,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobs.config import ConfigError, SweepConfig, TrialSpec, load_config
+from jobs.config import ConfigError, SweepConfig, TrialSpec, field_path, load_config
 from jobs.preflight import PreflightError, run_preflight
-from jobs.tasks import get_task, split_path
+from jobs.storage import resolve_storage
+from jobs.training_length import epochs_seen
 
 log = logging.getLogger(__name__)
-
-
-def dataset_hash(config: SweepConfig, task: str) -> str:
-    paths = config.data.get(task)
-    files = [Path(paths.train), Path(paths.eval)] if paths else [split_path(task, "train"), split_path(task, "eval")]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def run_trial(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> None:
@@ -56,17 +47,18 @@ def run_trial(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> No
     config = SweepConfig.model_validate(trial["config"])
     spec = TrialSpec.model_validate(trial["spec"])
     tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
-    run_id, done = tracker.child_run(trial["parent_id"], spec, dataset_hash(config, spec.task))
+    run_id, done = tracker.child_run(trial["parent_id"], spec, trial["fingerprint"])
     if done:
         print(f"[{spec.adapter_name}] already trained and registered in run {run_id}: skipped", flush=True)
         tune.report({"skipped": 1})
         return
     folder = fit_adapter(config, spec, run_id, [TuneReportCallback()])
     outcome = json.loads((folder / OUTCOME_FILE).read_text())
-    metric = get_task(spec.task).metric
+    metric = spec.task_config.metric.name
     version = tracker.finish_child(run_id, spec, outcome, folder / ADAPTER_DIR, metric, config.mlflow.register_models)
     print(f"[{spec.adapter_name}] base {outcome['base_score']:.1f} -> adapter {outcome['adapter_score']:.1f} "
-          f"({metric}); registered {spec.registered_model} version {version}", flush=True)  # fmt: skip
+          f"({metric}, {outcome['epochs']:.2f} epochs); registered {spec.registered_model} version {version}",
+          flush=True)  # fmt: skip
     tune.report({"adapter_score": outcome["adapter_score"], "base_score": outcome["base_score"], "skipped": 0})
 
 
@@ -85,7 +77,7 @@ def run_group(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> No
     tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
     run_ids, todo = {}, []
     for spec in specs:
-        run_id, done = tracker.child_run(group["parent_id"], spec, dataset_hash(config, spec.task))
+        run_id, done = tracker.child_run(group["parent_id"], spec, group["fingerprints"][spec.task])
         tracker.client.set_tag(run_id, "cotrain_group", params["group"])
         run_ids[spec.adapter_name] = run_id
         if done:
@@ -102,7 +94,7 @@ def run_group(params: dict[str, Any], payloads: dict[str, dict[str, Any]]) -> No
     outcomes = json.loads((folder / OUTCOMES_FILE).read_text())
     scores = []
     for spec in todo:
-        outcome, metric = outcomes[spec.adapter_name], get_task(spec.task).metric
+        outcome, metric = outcomes[spec.adapter_name], spec.task_config.metric.name
         version = tracker.finish_child(run_ids[spec.adapter_name], spec, outcome, folder / spec.adapter_name, metric,
                                        config.mlflow.register_models)  # fmt: skip
         scores.append(outcome["adapter_score"])
@@ -124,13 +116,28 @@ def summary_rows(tracker: Any, parent_id: str, trials: list[TrialSpec]) -> list[
         m = run.data.metrics if run else {}
         if "final_adapter_score" not in m:
             continue
-        rows.append({"task": spec.task, "adapter": spec.adapter_name, "metric": get_task(spec.task).metric,
+        rows.append({"task": spec.task, "adapter": spec.adapter_name, "metric": spec.task_config.metric.name,
                      "base": m["final_base_score"], "adapter_score": m["final_adapter_score"],
                      "delta": m["final_delta"], "train_s": m["final_train_seconds"],
+                     "epochs": m.get("final_epochs", float("nan")),
                      "tokens_per_s": m["final_tokens_per_s"], "steps": int(m["final_steps"]),
                      "version": f"{spec.registered_model}/{run.data.tags[TAG_VERSION]}"
                      if TAG_VERSION in run.data.tags else None, "run_id": run.info.run_id})  # fmt: skip
     return rows
+
+
+def warn_short_training(config: SweepConfig, train_rows: dict[str, int]) -> None:
+    """Say so when a task would see less than one epoch (a fixed max_steps on a larger dataset)."""
+    for trial in config.trials():
+        t = trial.training
+        if t.max_steps is None or trial.task not in train_rows:
+            continue
+        world = config.resources.workers_per_adapter
+        seen = epochs_seen(t.max_steps, t.micro_batch_size, t.grad_accum, world, train_rows[trial.task])
+        if seen < 1 and not trial.bundled:
+            print(f"  {trial.adapter_name}: warning: {t.max_steps} steps x {t.micro_batch_size * t.grad_accum * world} "
+                  f"rows = {seen:.2f} epoch of {train_rows[trial.task]} training rows; set training.epochs (the "
+                  f"default for your own tasks is measured: README \"Your own task\")", flush=True)  # fmt: skip
 
 
 def apply_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
@@ -158,7 +165,7 @@ def apply_overrides(config: SweepConfig, overrides: list[str]) -> SweepConfig:
         return SweepConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        where = field_path(first["loc"])
         raise ConfigError(f"--set: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
@@ -170,13 +177,22 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
     from jobs.tracking import SweepTracker
 
     ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+    config = config.with_paths_from(Path.cwd())
     checked = run_preflight(config, ray.cluster_resources())
-    print(
-        f"preflight ok: {len(checked['datasets']) // 2} tasks, base {config.base_model}, MLflow {config.mlflow.uri()}"
-    )
+    reports = checked["datasets"]
+    print(f"preflight ok: {len(reports)} tasks, base {config.base_model}, MLflow {config.mlflow.uri()}")
+    for name, report in reports.items():
+        print(f"  {name}: {report.rows.get('train', 0)} train / {report.rows.get('eval', 0)} eval rows, format "
+              f"{report.format}")  # fmt: skip
+        for warning in report.warnings:
+            print(f"  {name}: warning: {warning}")
+    fingerprints = {name: report.fingerprint for name, report in reports.items()}
+    warn_short_training(config, {name: report.rows.get("train", 0) for name, report in reports.items()})
     tracker = SweepTracker(config.mlflow.uri(), config.mlflow.experiment)
     parent_id = tracker.parent_run(config)
     trials = config.trials()
+    # made absolute once, here: every trial and worker gets this path (each Ray process has its own cwd)
+    config = config.model_copy(update={"storage_path": resolve_storage(config.storage_path)})
     payload = config.model_dump(mode="json")
     if config.strategy == "cotrain":
         from jobs.ray_cotrain import group_id
@@ -186,22 +202,29 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
               f"{config.adapters_per_job}, {config.max_concurrent_trials} groups at a time (MLflow parent run "
               f"{parent_id})", flush=True)  # fmt: skip
         payloads = {group_id(g): {"config": payload, "specs": [s.model_dump(mode="json") for s in g],
-                                  "parent_id": parent_id} for g in groups}  # fmt: skip
+                                  "parent_id": parent_id, "fingerprints": fingerprints} for g in groups}  # fmt: skip
         trainable, key = run_group, "group"
     else:
         print(f"sweep {config.name}: {len(trials)} adapters, {config.max_concurrent_trials} at a time "
               f"(MLflow parent run {parent_id})", flush=True)  # fmt: skip
-        payloads = {s.adapter_name: {"config": payload, "spec": s.model_dump(mode="json"), "parent_id": parent_id}
-                    for s in trials}  # fmt: skip
+        payloads = {s.adapter_name: {"config": payload, "spec": s.model_dump(mode="json"), "parent_id": parent_id,
+                                     "fingerprint": fingerprints[s.task]} for s in trials}  # fmt: skip
         trainable, key = run_trial, "adapter"
-    storage = config.storage_path if "://" in config.storage_path else str(Path(config.storage_path).absolute())
+    storage = config.storage_path
     tuner = tune.Tuner(
         # the trial only drives its TorchTrainer (whose workers hold the CPUs/GPUs)
         # no CPU: even 0.01 per trial would leave 0.98 of a core free and keep a 1-CPU worker from starting
         tune.with_resources(tune.with_parameters(trainable, payloads=payloads), {"cpu": 0, "memory": 1}),
         param_space={key: tune.grid_search(list(payloads))},
         tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent_trials),
-        run_config=tune.RunConfig(name=f"{config.name}-tune", storage_path=storage, verbose=1),
+        # a trial lost with its node (the trial actor ran there) is retried: it finds its MLflow run and resumes
+        # its TorchTrainer from the last checkpoint in `storage`
+        run_config=tune.RunConfig(
+            name=f"{config.name}-tune",
+            storage_path=storage,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+        ),
     )
     results = tuner.fit()
     failures = [r for r in results if r.error is not None]
@@ -216,7 +239,9 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
               file=sys.stderr)  # fmt: skip
     if failures:
         raise SystemExit(1)
-    print(f"MLflow: {config.mlflow.uri()}/#/experiments/{tracker.experiment_id}/runs/{parent_id}")
+    # MLflow 3.17's UI opens experiments in its GenAI view unless the URL (or the browser's last choice) says otherwise
+    print(f"MLflow: {config.mlflow.uri()}/#/experiments/{tracker.experiment_id}/runs/{parent_id}"
+          "?workflowType=machine_learning")  # fmt: skip
     return rows
 
 

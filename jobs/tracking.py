@@ -3,8 +3,13 @@
 Runs are found again by tags, so a resubmitted sweep (same name and config) reuses its parent run, skips adapters
 whose run is done and resumes the others — no duplicate runs or registrations. Each adapter's run gets every
 hyperparameter as a param; base model, task, dataset hash and git commit as tags; step metrics from the training
-worker; final base-vs-adapter scores; the adapter files as artifacts; and a version of the registered model
-`<prefix><task>` whose alias `champion` points at the best version by the task metric.
+worker; final base-vs-adapter scores (`final_*`, and plain `adapter_score`, `delta`, ... for the UI's charts); the
+adapter files and a pyfunc model folder holding them (`model/`: `mlflow.pyfunc.load_model` / `mlflow models serve`
+work on it) as artifacts; and a version of the registered model `<prefix><task>` (source: that `model/` folder)
+whose alias `champion` points at the best version by the task metric. The experiment is tagged as a machine-learning
+experiment (MLflow 3.17's UI still opens a browser without a saved choice in its GenAI view unless the link carries
+`?workflowType=machine_learning`, as the sweep's printed link does); the parent run holds the summary table and the
+leaderboard chart.
 
 An MLflow server that restarts mid-sweep costs time, not data: every client call is retried with backoff while
 the server is unreachable (connection refused or reset, timeouts, 5xx), for up to `$LORAFLEET_MLFLOW_RETRY_S`
@@ -35,6 +40,15 @@ TAG_DONE = "lorafleet.done"
 TAG_VERSION = "lorafleet.registered_version"
 CHAMPION = "champion"
 ADAPTER_ARTIFACT = "adapter"
+MODEL_ARTIFACT = "model"  # the MLflow pyfunc model folder (adapters/mlflow_pyfunc.py); registry versions point here
+# The experiment kind MLflow 3's UI reads ("Machine learning", not "GenAI apps & agents"; its runs, not its traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Comparable per-adapter metrics, logged once at top level (plain names) next to the `final_*` ones: the outcome
+# key each is read from ("delta" is computed). Step metrics (`loss`, `tokens_per_s`, `lr`) keep their history.
+TOP_LEVEL_METRICS = {"adapter_score": "adapter_score", "base_score": "base_score", "delta": "delta",
+                     "train_loss": "train_loss", "train_tokens_per_s": "tokens_per_s",
+                     "train_seconds": "train_seconds", "epochs": "epochs"}  # fmt: skip
 RETRY_ENV = "LORAFLEET_MLFLOW_RETRY_S"
 DEFAULT_RETRY_S = 180.0
 _MAX_BACKOFF_S = 10.0
@@ -168,13 +182,18 @@ class SweepTracker:
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:
                 try:
-                    self._experiment_id = self.client.create_experiment(self.experiment)
+                    self._experiment_id = self.client.create_experiment(
+                        self.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                    )
                 except MlflowException as err:  # a create re-sent after a lost reply, or another sweep's
                     if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                         raise
                     found = self.client.get_experiment_by_name(self.experiment)
             if self._experiment_id is None:
                 self._experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in (found.tags or {}):  # made before (or by hand): a kind the user
+                    # chose in the UI is kept
+                    self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return self._experiment_id
 
     def _find_all(self, filters: list[str]) -> list[Any]:
@@ -257,12 +276,18 @@ class SweepTracker:
     # -- the end of an adapter's training -----------------------------------------------------------------------
     def finish_child(self, run_id: str, spec: TrialSpec, outcome: dict[str, Any], adapter_dir: Path,
                      metric_name: str, register: bool) -> str | None:  # fmt: skip
-        """Final metrics, artifacts, registry version; returns the version (or None when not registering)."""
+        """Final metrics (as `final_*` and, for comparing adapters in the UI's charts, the TOP_LEVEL_METRICS), the
+        adapter files and a pyfunc model folder holding them as artifacts, registry version; returns the version (or
+        None when not registering)."""
         final = {k: outcome[k] for k in ("base_score", "adapter_score", "train_seconds", "tokens_per_s",
-                                         "peak_memory_mb", "steps", "train_loss")}  # fmt: skip
-        final["delta"] = outcome["adapter_score"] - outcome["base_score"]
-        self.log_metrics(run_id, outcome["steps"], {f"final_{k}": v for k, v in final.items()})
+                                         "peak_memory_mb", "steps", "train_loss", "epochs")}  # fmt: skip
+        final["delta"] = improvement(metric_name, outcome["base_score"], outcome["adapter_score"])
+        final.update({k: v for k, v in outcome.get("details", {}).items() if isinstance(v, int | float)})
+        metrics = {f"final_{k}": v for k, v in final.items()}
+        metrics.update({name: final[key] for name, key in TOP_LEVEL_METRICS.items()})
+        self.log_metrics(run_id, outcome["steps"], metrics)
         self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT)
+        self.log_pyfunc_model(run_id, spec, adapter_dir)
         self.client.log_text(run_id, json.dumps(outcome.get("examples", []), indent=2), "eval_examples.json")
         version = self.register(run_id, spec, outcome, metric_name) if register else None
         self.client.set_tag(run_id, TAG_DONE, "true")
@@ -284,16 +309,28 @@ class SweepTracker:
                 raise
         version = self._version_of_run(name, run_id)  # created before, its tag not set (a finish cut short)
         if version is None:
-            source = f"{self.client.get_run(run_id).info.artifact_uri}/{ADAPTER_ARTIFACT}"
+            run = self.client.get_run(run_id)
+            source, run_tags = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run.data.tags
             tags = {"base_model": spec.base_model, "task": spec.task, "metric": metric_name, "sweep": spec.sweep,
                     "adapter_name": spec.adapter_name, "point_id": spec.point_id,
                     "adapter_score": f"{outcome['adapter_score']:.4f}", "base_score": f"{outcome['base_score']:.4f}",
-                    "lora_r": str(spec.lora.r)}  # fmt: skip
+                    "lora_r": str(spec.lora.r), **training_record(spec, outcome, run_tags)}  # fmt: skip
             created = str(self.client.create_model_version(name, source, run_id=run_id, tags=tags).version)
             version = self._version_of_run(name, run_id) or created
         self.client.set_tag(run_id, TAG_VERSION, version)
         self.update_champion(name)
         return version
+
+    def log_pyfunc_model(self, run_id: str, spec: TrialSpec, adapter_dir: Path) -> None:
+        """The adapter as an MLflow pyfunc model folder (`MODEL_ARTIFACT`): `mlflow.pyfunc.load_model` and
+        `mlflow models serve` load the base by name and apply it (adapters/mlflow_pyfunc.py)."""
+        import tempfile
+
+        from adapters.mlflow_pyfunc import save_pyfunc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_pyfunc(adapter_dir, Path(tmp) / MODEL_ARTIFACT, spec.base_model)
+            self.client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT)
 
     def _version_of_run(self, name: str, run_id: str) -> str | None:
         """The (lowest) version of `name` made from this run; duplicates from a re-sent create are deleted."""
@@ -329,15 +366,51 @@ class SweepTracker:
         return best
 
     def _best_version(self, name: str) -> str | None:
+        """Highest adapter score (lowest, for a lower-is-better metric like eval_loss); ties: the newest."""
         versions = self.client.search_model_versions(f"name='{name}'")
-        scored = [(float(v.tags["adapter_score"]), int(v.version)) for v in versions if "adapter_score" in v.tags]
+        scored = [(float(v.tags["adapter_score"]) * (-1 if v.tags.get("metric") in LOWER_IS_BETTER else 1),
+                   int(v.version)) for v in versions if "adapter_score" in v.tags]  # fmt: skip
         return str(max(scored)[1]) if scored else None
 
     def finish_parent(self, parent_id: str, summary_rows: list[dict[str, Any]], chart: Path | None) -> None:
+        """The summary as summary.json and as an MLflow table (the UI's artifact view shows it as a table, and
+        `mlflow.load_table` reads it), the leaderboard chart as a file and as an image the chart view shows, and
+        how many adapters finished and the best delta as the parent's own metrics."""
         self.client.log_text(parent_id, json.dumps(summary_rows, indent=2), "summary.json")
+        if summary_rows:
+            columns = list(dict.fromkeys(k for row in summary_rows for k in row))
+            table = {c: [row.get(c) for row in summary_rows] for c in columns}
+            self.client.log_table(parent_id, data=table, artifact_file=SUMMARY_TABLE)
+            self.log_metrics(parent_id, 0, {"adapters": len(summary_rows),
+                                            "best_delta": max(float(r["delta"]) for r in summary_rows)})  # fmt: skip
         if chart is not None and chart.exists():
             self.client.log_artifact(parent_id, str(chart))
+            from PIL import Image
+
+            with Image.open(chart) as image:
+                self.client.log_image(parent_id, image.convert("RGB"), key="leaderboard", step=0)
         self.client.set_terminated(parent_id, "FINISHED")
+
+
+LOWER_IS_BETTER = {"eval_loss"}
+SUMMARY_TABLE = "summary_table.json"
+
+
+def improvement(metric_name: str, base: float, adapter: float) -> float:
+    """The adapter's gain over the base, positive when better (for eval_loss: the loss it removed)."""
+    return base - adapter if metric_name in LOWER_IS_BETTER else adapter - base
+
+
+def training_record(spec: TrialSpec, outcome: dict[str, Any], run_tags: dict[str, str]) -> dict[str, str]:
+    """What a registry version records about how it was trained: data fingerprint, format, metric options, the
+    prompt it was trained with, epochs seen (MLflow tag values are strings)."""
+    task = spec.task_config
+    prompt = outcome.get("prompt_format") or {}
+    return {"data_fingerprint": run_tags.get("dataset_hash", ""), "data_format": str(prompt.get("format", task.format)),
+            "metric_config": task.metric.model_dump_json(exclude_defaults=True), "epochs": f"{outcome['epochs']:.3f}",
+            "prompt_mode": str(prompt.get("mode", "")),
+            "system_prompt": str(prompt.get("system_prompt") or prompt.get("prompt_prefix") or "")[:5000],
+            "bundled_task": str(spec.bundled).lower()}  # fmt: skip
 
 
 def _hash(obj: Any) -> str:

@@ -25,11 +25,12 @@ import torch
 
 from jobs.checkpointing import load_checkpoint, save_adapter, save_checkpoint
 from jobs.config import TrialSpec, load_config
-from jobs.data import Batches, collate, encode_rows
+from jobs.data import Batches, collate
 from jobs.early_stop import EarlyStop
 from jobs.evaluate import BASE, as_base, evaluate
-from jobs.model_setup import build_training
-from jobs.tasks import get_task, load_split
+from jobs.model_setup import build_training, eval_base
+from jobs.task_runtime import PreparedTask, prepare_task
+from jobs.training_length import epochs_seen
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class TrainOutcome:
     base_score: float
     adapter_score: float
     examples: list[dict[str, str]] = field(default_factory=list)  # a few (input, expected, base, adapter)
+    epochs: float = float("nan")  # passes over the training split
+    details: dict[str, float] = field(default_factory=dict)  # the metric's other numbers (adapter_<k>, base_<k>)
+    prompt_format: dict[str, Any] = field(default_factory=dict)  # what it was trained with (adapters/prompt_format)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -109,19 +113,15 @@ def train(
     `wrap_model` wraps for DDP (Ray Train)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t = spec.training
-    task = get_task(spec.task)
-    train_rows = load_split(spec.task, "train", Path(spec.data.train) if spec.data else None)
-    eval_rows = load_split(spec.task, "eval", Path(spec.data.eval) if spec.data else None)[
-        : spec.evaluation.max_examples
-    ]
 
     from transformers import AutoTokenizer
 
     from adapters.base_models import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(spec.base_model).path)  # the data decides the step count
-    examples = encode_rows(tokenizer, task, train_rows, t.max_seq_len)
-    batches = Batches(examples, t.micro_batch_size, t.max_seq_len, t.packing, t.seed, rank, world)
+    task = prepare_task(spec, tokenizer)
+    eval_rows = task.eval
+    batches = Batches(task.train, t.micro_batch_size, t.max_seq_len, t.packing, t.seed, rank, world)
     setup = build_training(spec, device, batches.per_epoch, world)
     model, base = setup.model, setup.base
     ds = setup.deepspeed_engine
@@ -132,7 +132,7 @@ def train(
     step, micro_index = 0, 0
     stopper = EarlyStop(t.early_stop_patience)
     if resume is not None:
-        progress = load_checkpoint(resume, model, setup.optimizer, setup.scheduler)
+        progress = load_checkpoint(resume, model, setup.optimizer, setup.scheduler, ds)
         step, micro_index = progress["step"], progress["micro_index"]
         stopper.restore(progress)
         log.info("resumed %s from step %d", spec.adapter_name, step)
@@ -150,7 +150,8 @@ def train(
         targets = sum(sum(lb != -100 for lb in ex.labels) for mb in micro for row in mb for ex in row)
         for mb in micro:
             batch = to_device(collate(mb, pad_id, compute_dtype), device, compute_dtype)
-            summed, count = loss_sum(forward_model, batch)
+            with setup.forward_context():  # bf16 autocast on CUDA (jobs/precision.py), nothing on CPU
+                summed, count = loss_sum(forward_model, batch)
             loss = summed / max(targets, 1)
             if ds is not None:  # DeepSpeed steps per micro-batch and applies the update at the accumulation boundary
                 ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole window
@@ -187,25 +188,62 @@ def train(
                 break
         if step % t.checkpoint_every == 0 and step < setup.total_steps:
             with tempfile.TemporaryDirectory() as tmp:
-                folder = None
-                if rank == 0:
-                    folder = save_checkpoint(Path(tmp) / "checkpoint", model, setup.optimizer, setup.scheduler, step,
-                                             micro_index, base.name, base.fingerprint, stopper.state())  # fmt: skip
+                folder = save_checkpoint(Path(tmp) / "checkpoint", model, setup.optimizer, setup.scheduler, step,
+                                         micro_index, base.name, base.fingerprint, stopper.state(), rank, ds)  # fmt: skip
                 hooks.checkpoint(step, folder, {"step": step, "loss": last_loss})
     train_seconds = time.monotonic() - started
     outcome = TrainOutcome(out_dir, step, last_loss, seen_tokens * world / max(train_seconds, 1e-9), train_seconds,
                            peak_memory_mb(device), float("nan"), float("nan"))  # fmt: skip
+    outcome.epochs = epochs_seen(step, t.micro_batch_size, t.grad_accum, world, len(batches.units) * world)
+    save_adapter(model, out_dir, base.name, base.fingerprint, rank)  # every rank: gathered under ZeRO-3
+    outcome.prompt_format = task.prompt_format().model_dump()
     if rank == 0:
-        save_adapter(model, out_dir, base.name, base.fingerprint)
+        task.prompt_format().write(out_dir)
     if rank == 0 and final_eval:
-        with as_base(model, base) as plain:
-            results = evaluate(plain, task, eval_rows, {BASE: None, "adapter": out_dir},
-                               spec.evaluation.max_new_tokens, spec.evaluation.batch_size, spec.lora.r)  # fmt: skip
-        outcome.base_score, outcome.adapter_score = results[BASE].score, results["adapter"].score
-        outcome.examples = [{"input": r["input"], "expected": r["output"], "base": b, "adapter": a}
-                            for r, b, a in zip(eval_rows[:5], results[BASE].predictions,
-                                               results["adapter"].predictions, strict=False)]  # fmt: skip
+        final_scores(outcome, model, base, setup, task, spec, out_dir, pad_id)
     return outcome
+
+
+def final_scores(outcome: TrainOutcome, model: Any, base: Any, setup: Any, task: PreparedTask, spec: TrialSpec,
+                 out_dir: Path, pad_id: int) -> None:  # fmt: skip
+    """Base and adapter scored on the eval split: decoded in one mixed batch (or, for `eval_loss`, their loss)."""
+    if not task.metric.generates:
+        with as_base(model, base) as plain:
+            outcome.base_score = eval_loss(plain.model, base.tokenizer, task, pad_id, spec.evaluation.batch_size)
+        outcome.adapter_score = eval_loss(model, base.tokenizer, task, pad_id, spec.evaluation.batch_size)
+        return
+    with eval_base(setup, as_base(model, base)) as plain:  # ZeRO-3: a fresh unsharded base
+        results = evaluate(plain, task.eval, task.metric, {BASE: None, "adapter": out_dir},
+                           spec.evaluation.max_new_tokens, spec.evaluation.batch_size, spec.lora.r)  # fmt: skip
+    outcome.base_score, outcome.adapter_score = results[BASE].score, results["adapter"].score
+    outcome.details = {**{f"base_{k}": v for k, v in results[BASE].details.items()},
+                       **{f"adapter_{k}": v for k, v in results["adapter"].details.items()}}  # fmt: skip
+    outcome.examples = [{"input": example_input(ex), "expected": ex.reference, "base": b, "adapter": a}
+                        for ex, b, a in zip(task.eval[:5], results[BASE].predictions,
+                                            results["adapter"].predictions, strict=False)]  # fmt: skip
+
+
+def example_input(example: Any) -> str:
+    """What the model was asked, for a human: the last user turn, or the raw prompt."""
+    users = [m["content"] for m in example.messages if m.get("role") == "user"]
+    return str(users[-1]) if users else example.prompt
+
+
+@torch.no_grad()
+def eval_loss(model: Any, tokenizer: Any, task: PreparedTask, pad_id: int, batch_size: int) -> float:
+    """Mean next-token loss over the eval split's trained-on tokens (what metric `eval_loss` reports)."""
+    was_training = model.training
+    model.eval()
+    dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+    device = str(next(model.parameters()).device)
+    encoded = task.encode(tokenizer, task.eval)
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = to_device(collate([[e] for e in encoded[i : i + batch_size]], pad_id, dtype), device, dtype)
+        summed, n = loss_sum(model, batch)
+        total, count = total + float(summed), count + n
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def _agreed(stop: bool, world: int, device: str) -> bool:
@@ -217,23 +255,25 @@ def _agreed(stop: bool, world: int, device: str) -> bool:
     return bool(flag.item())
 
 
-def quick_eval(spec: TrialSpec, task: Any, model: Any, base: Any, rows: list[dict], pad_id: int) -> dict[str, float]:
+def quick_eval(spec: TrialSpec, task: PreparedTask, model: Any, base: Any, rows: list[Any],
+               pad_id: int) -> dict[str, float]:  # fmt: skip
     """Eval loss and task metric on a few eval rows, mid-training."""
-    from jobs.data import encode_rows as enc
-
-    examples = enc(base.tokenizer, task, rows, spec.training.max_seq_len)
+    examples = task.encode(base.tokenizer, rows)
     dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
     device = str(next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
         summed, count = loss_sum(model, to_device(collate([[e] for e in examples], pad_id, dtype), device, dtype))
     model.train()
+    loss = float(summed) / max(count, 1)
+    if not task.metric.generates:
+        return {"eval_loss": loss}
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_adapter(model, Path(tmp) / "adapter", base.name, base.fingerprint)
         with as_base(model, base) as plain:
-            result = evaluate(plain, task, rows, {"adapter": folder}, spec.evaluation.max_new_tokens,
+            result = evaluate(plain, rows, task.metric, {"adapter": folder}, spec.evaluation.max_new_tokens,
                               spec.evaluation.batch_size, spec.lora.r)["adapter"]  # fmt: skip
-    return {"eval_loss": float(summed) / max(count, 1), f"eval_{task.metric}": result.score}
+    return {"eval_loss": loss, f"eval_{task.metric_label}": result.score}
 
 
 def main() -> None:

@@ -1,10 +1,13 @@
 """The HTTP API as a FastAPI app over a `Backend` (in-process, or a Ray Serve handle): OpenAI-compatible
-/v1/chat/completions, /v1/completions, /v1/models; LoRAX-compatible /generate, /generate_stream; /health.
+/v1/chat/completions, /v1/completions, /v1/models; LoRAX-compatible `/`, /generate, /generate_stream
+(serve_app/lorax_api.py); /health. The OpenAPI document lists every status and content type each route answers.
 
 `create_api(backend, registry, base_name, config)` builds it. A request's `model` (or LoRAX `adapter_id`) is
 resolved through the adapter registry to a canonical adapter id before anything runs: unknown -> 404, another
-base's adapter -> 422, registry down -> 503. Streaming answers start only after the first engine event, so a
-request the engine refuses still gets a proper status code instead of a broken stream.
+base's adapter -> 422, registry down -> 503. Streaming answers start only after every generation's first engine
+event, so a request the engine refuses still gets a proper status code instead of a broken stream. Chat and
+completions share one handler (`_openai`): n choices (and completions' best_of and several prompts) run as
+separate generations batched together by the engine.
 """
 
 from __future__ import annotations
@@ -14,23 +17,23 @@ import hmac
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters.registry import AdapterRegistry, IncompatibleAdapter, UnknownAdapter
+from adapters.registry import AdapterRegistry
 from adapters.sources import RegistryUnavailable
+from serve_app import lorax_api
 from serve_app import openai_format as fmt
-from serve_app.api_schemas import ChatCompletionRequest, CompletionRequest, LoraxRequest, stop_tuple
+from serve_app.api_docs import ChatCompletion, Health, ModelList, TextCompletion, responses
+from serve_app.api_schemas import ChatCompletionRequest, CompletionRequest
 from serve_app.app_config import ServeAppConfig
 from serve_app.errors import ApiError, error_body, install_error_handlers
+from serve_app.generation import Backend, Generations, Result, check_response_format
 
-_LORAX_PARAMS = {"model": "parameters.adapter_id", "max_tokens": "parameters.max_new_tokens"}
-
-
-class Backend(Protocol):
-    def stream(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]: ...
+__all__ = ["Backend", "create_api"]
+GENERATE_ERRORS = (400, 401, 404, 413, 422, 429, 503, 504)
 
 
 class _Limits:
@@ -81,86 +84,87 @@ async def _reject(send: Any, status: int, message: str) -> None:
     await response({"type": "http"}, None, send)
 
 
+def expand(payloads: list[dict[str, Any]], copies: int) -> list[dict[str, Any]]:
+    """`copies` generations of each payload; seeded ones get seed, seed+1, ... so choices differ reproducibly."""
+    out = []
+    for payload in payloads:
+        seed = payload.get("seed")
+        out += [{**payload, "seed": None if seed is None else (seed + i) % 2**63} for i in range(copies)]
+    return out
+
+
+def _openai_stream(events: AsyncIterator[dict[str, Any]], body: ChatCompletionRequest | CompletionRequest,
+                   chat: bool, rid: str, count: int, logprobs: bool) -> AsyncIterator[str]:  # fmt: skip
+    async def frames() -> AsyncIterator[str]:
+        created = int(time.time())
+        echo = body.prompts() if isinstance(body, CompletionRequest) and body.echo else None
+        prompt_tokens, completion_tokens = [0] * count, [0] * count
+        try:
+            for i in range(count):
+                if chat:
+                    yield fmt.sse(fmt.chunk(rid, body.model, created, True, i, "", role=True))
+                elif echo:
+                    yield fmt.sse(fmt.chunk(rid, body.model, created, False, i, echo[i // body.n]))
+            async for event in events:
+                i = event["index"]
+                if event["type"] == "delta":
+                    tokens = event.get("tokens", [])
+                    if echo and "prompt" in event:
+                        tokens = event["prompt"] + tokens
+                    yield fmt.sse(fmt.chunk(rid, body.model, created, chat, i, event["text"],
+                                            tokens=tokens if logprobs else None))  # fmt: skip
+                elif event["type"] == "error":
+                    yield fmt.sse(error_body(event["status"], event["message"], event.get("param"), event.get("code")))
+                    break
+                elif event["type"] == "end":
+                    prompt_tokens[i], completion_tokens[i] = event["prompt_tokens"], event["completion_tokens"]
+                    yield fmt.sse(fmt.chunk(rid, body.model, created, chat, i, None, event["finish_reason"]))
+            else:
+                if body.include_usage:
+                    use = fmt.usage(sum(prompt_tokens[:: body.n]), sum(completion_tokens))
+                    yield fmt.sse(fmt.usage_chunk(rid, body.model, created, chat, use))
+            yield fmt.sse("[DONE]")
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return frames()
+
+
 def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, config: ServeAppConfig) -> FastAPI:
     app = FastAPI(title="lorafleet", description="Many LoRA adapters, one endpoint.", version="0.1.0")
     install_error_handlers(app)
     app.add_middleware(_Limits, max_bytes=config.max_request_bytes, api_key=os.environ.get(config.api_key_env))
-    base_names = {base_name, config.base_model}
+    gen = Generations(backend, registry, {base_name, config.base_model})
 
-    async def resolve(model: str) -> str | None:
-        if model in base_names:
-            return None
-        try:
-            return (await asyncio.to_thread(registry.resolve, model)).id
-        except UnknownAdapter as err:
-            raise ApiError(404, str(err), "model", "model_not_found") from None
-        except IncompatibleAdapter as err:
-            raise ApiError(422, str(err), "model", "adapter_rejected") from None
-        except RegistryUnavailable as err:
-            raise ApiError(503, str(err), None, "registry_unavailable") from None
+    async def _openai(body: ChatCompletionRequest | CompletionRequest, chat: bool) -> Any:
+        """Chat and completions alike: one generation per (prompt, choice), answered whole or streamed."""
+        payloads = body.payloads()
+        check_response_format(payloads[0])
+        best_of = body.best_of if isinstance(body, CompletionRequest) and body.best_of else body.n
+        logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        adapter_id = await gen.resolve(body.model)
+        rid = fmt.new_id("chatcmpl" if chat else "cmpl")
+        runs = expand(payloads, best_of)
+        if body.stream:
+            events = await gen.stream_many(runs, adapter_id)
+            return StreamingResponse(_openai_stream(events, body, chat, rid, len(runs), logprobs),
+                                     media_type="text/event-stream")  # fmt: skip
+        results = await gen.complete_many(runs, adapter_id)
+        choices: list[dict[str, Any]] = []
+        for p, prompt in enumerate(payloads):
+            group: list[Result] = results[p * best_of : (p + 1) * best_of]
+            if best_of > body.n:
+                group = sorted(group, key=lambda r: -r.logprob_sum)[: body.n]
+            echo = prompt["prompt"] if isinstance(body, CompletionRequest) and body.echo else None
+            choices += [fmt.choice(len(choices) + j, r, chat, logprobs, echo) for j, r in enumerate(group)]
+        use = fmt.usage(sum(r.prompt_tokens for r in results[::best_of]), sum(r.completion_tokens for r in results))
+        return fmt.completion(rid, body.model, chat, choices, use)
 
-    async def start(payload: dict[str, Any], model: str) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
-        events = backend.stream(payload, await resolve(model))
-        first = await anext(events)
-        if first["type"] == "error":
-            raise ApiError(first["status"], first["message"], first.get("param"), first.get("code"))
-        return events, first
-
-    async def complete(payload: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
-        """`start` + `collect` for answers sent whole: a generation whose model replica died midway (the backend's
-        `replica_unavailable` 503) is run once more, since the client has seen nothing of it yet."""
-        for attempt in range(2):
-            try:
-                return await collect((await start(payload, model))[0])
-            except ApiError as err:
-                if err.code != "replica_unavailable" or attempt == 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def collect(events: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-        parts: list[str] = []
-        async for event in events:
-            if event["type"] == "delta":
-                parts.append(event["text"])
-            elif event["type"] == "error":
-                raise ApiError(event["status"], event["message"], event.get("param"), event.get("code"))
-            elif event["type"] == "end":
-                return "".join(parts), event
-        raise ApiError(503, "the model replica ended the stream early")
-
-    def sampling(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-        return {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                "stop": list(stop_tuple(body.stop)), "seed": body.seed}  # fmt: skip
-
-    async def openai_stream(events: AsyncIterator[dict[str, Any]], rid: str, model: str, chat: bool,
-                            include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        if chat:
-            yield fmt.sse(fmt.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-        async for event in events:
-            if event["type"] == "delta":
-                chunk = (fmt.chat_chunk(rid, model, created, {"content": event["text"]}) if chat
-                         else fmt.text_chunk(rid, model, created, event["text"]))  # fmt: skip
-                yield fmt.sse(chunk)
-            elif event["type"] == "error":
-                yield fmt.sse(error_body(event["status"], event["message"], event.get("param"), event.get("code")))
-                break
-            elif event["type"] == "end":
-                finish = event["finish_reason"]
-                yield fmt.sse(fmt.chat_chunk(rid, model, created, {}, finish) if chat
-                              else fmt.text_chunk(rid, model, created, "", finish))  # fmt: skip
-                if include_usage:
-                    yield fmt.sse(fmt.usage_chunk(rid, model, created, obj, event["prompt_tokens"],
-                                                  event["completion_tokens"]))  # fmt: skip
-                break
-        yield fmt.sse("[DONE]")
-
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict[str, str]:
         return {"status": "ok", "base_model": base_name}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=responses(401, 503))
     async def models() -> dict[str, Any]:
         try:
             refs = await asyncio.to_thread(registry.list_refs)
@@ -175,80 +179,15 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
             ]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=responses(*GENERATE_ERRORS, stream=True, model=ChatCompletion))  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest) -> Any:
-        payload = {"kind": "chat", "messages": body.chat(), **sampling(body)}
-        rid = fmt.new_id("chatcmpl")
-        if body.stream:
-            events, _ = await start(payload, body.model)
-            return StreamingResponse(openai_stream(events, rid, body.model, True, body.include_usage),
-                                     media_type="text/event-stream")  # fmt: skip
-        text, end = await complete(payload, body.model)
-        return fmt.chat_completion(rid, body.model, text, end["finish_reason"], end["prompt_tokens"],
-                                   end["completion_tokens"])  # fmt: skip
+        return await _openai(body, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses=responses(*GENERATE_ERRORS, stream=True, model=TextCompletion))  # fmt: skip
     async def completions(body: CompletionRequest) -> Any:
-        payload = {"kind": "text", "prompt": body.text(), **sampling(body)}
-        rid = fmt.new_id("cmpl")
-        if body.stream:
-            events, _ = await start(payload, body.model)
-            return StreamingResponse(openai_stream(events, rid, body.model, False, body.include_usage),
-                                     media_type="text/event-stream")  # fmt: skip
-        text, end = await complete(payload, body.model)
-        return fmt.text_completion(rid, body.model, text, end["finish_reason"], end["prompt_tokens"],
-                                   end["completion_tokens"])  # fmt: skip
+        return await _openai(body, chat=False)
 
-    def lorax_payload(body: LoraxRequest) -> tuple[dict[str, Any], str]:
-        p = body.parameters
-        temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
-        payload = {"kind": "text", "prompt": body.inputs, "max_tokens": p.max_new_tokens, "temperature": temperature,
-                   "top_p": p.top_p or 1.0, "stop": list(p.stop), "seed": p.seed}  # fmt: skip
-        return payload, p.adapter_id or base_name
-
-    def lorax_error(err: ApiError) -> ApiError:
-        """Errors naming LoRAX's fields (`parameters.adapter_id`, `max_new_tokens`), not OpenAI's."""
-        err.param = _LORAX_PARAMS.get(err.param or "", err.param)
-        err.message = err.message.replace("max_tokens", "max_new_tokens")
-        return err
-
-    async def lorax_start(body: LoraxRequest) -> AsyncIterator[dict[str, Any]]:
-        try:
-            return (await start(*lorax_payload(body)))[0]
-        except ApiError as err:
-            raise lorax_error(err) from None
-
-    @app.post("/generate")
-    async def generate(body: LoraxRequest) -> Any:
-        try:
-            text, end = await complete(*lorax_payload(body))
-        except ApiError as err:
-            raise lorax_error(err) from None
-        result: dict[str, Any] = {"generated_text": (body.inputs + text) if body.parameters.return_full_text else text}
-        if body.parameters.details:
-            result["details"] = fmt.lorax_details(end, body.parameters.seed)
-        return result
-
-    @app.post("/generate_stream")
-    async def generate_stream(body: LoraxRequest) -> Any:
-        events = await lorax_start(body)
-
-        async def frames() -> AsyncIterator[str]:
-            parts: list[str] = []
-            async for event in events:
-                if event["type"] == "delta":
-                    parts.append(event["text"])
-                    yield fmt.sse(fmt.lorax_token(event["text"], len(parts)))
-                elif event["type"] == "error":
-                    yield fmt.sse(error_body(event["status"], event["message"]))
-                    return
-                elif event["type"] == "end":
-                    final = fmt.lorax_token("", len(parts) + 1)
-                    final["generated_text"] = "".join(parts)
-                    final["details"] = fmt.lorax_details(event, body.parameters.seed)
-                    yield fmt.sse(final)
-                    return
-
-        return StreamingResponse(frames(), media_type="text/event-stream")
-
+    lorax_api.add_routes(app, gen, base_name, GENERATE_ERRORS)
     return app

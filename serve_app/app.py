@@ -20,7 +20,6 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from adapters.registry import AdapterRegistry
 from serve_app.api import create_api
 from serve_app.app_config import ServeAppConfig
 
@@ -145,7 +144,7 @@ class Ingress:
     async def __serve_build_asgi_app__(self) -> Any:
         info = await self.model.info.remote()
         cfg = self.config
-        registry = AdapterRegistry(info["base_model"], cfg.catalog_dir, cfg.resolved_mlflow_uri(), cfg.registry_ttl_s)
+        registry = cfg.build_registry(info["base_model"])
         return create_api(_RayBackend(self.model), registry, info["base_model"], cfg)
 
 

@@ -28,6 +28,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 RETRY_AFTER_S = "1"
 

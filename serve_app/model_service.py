@@ -2,7 +2,7 @@
 token ids, load adapters by canonical id from the registry, and stream events back.
 
 A payload is a plain dict (it crosses Ray's process boundary): `{"kind": "chat", "messages": [...]}` or
-`{"kind": "text", "prompt": "..."}`, plus `max_tokens`, `temperature`, `top_p`, `stop`, `seed`.
+`{"kind": "text", "prompt": "..."}`, plus sampling fields (`SamplingParams.from_payload`).
 `generate` yields event dicts: `start` (prompt tokens), `delta` (text), `end` (finish reason, usage) — or a single
 `error` event with an HTTP status, so a caller can answer before it starts streaming.
 """
@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from adapters.lora_files import AdapterRejected
+from adapters.prompt_format import PromptFormat, PromptFormatError, read_prompt_format
 from adapters.registry import AdapterRegistry, UnknownAdapter
 from adapters.sources import RegistryUnavailable
+from serve_app import prompting, token_events
 from serve_app.app_config import ServeAppConfig
 from serve_app.engine.async_engine import AsyncLoraEngine
 from serve_app.engine.engine import LoraEngine, RequestRejected
@@ -46,14 +48,14 @@ class ModelService:
         self.tokenizer = engine.tokenizer
         self.base_name = engine.base.name
         self.max_seq_len = engine.max_seq_len
-        self.registry = registry or AdapterRegistry(
-            self.base_name, config.catalog_dir, config.resolved_mlflow_uri(), config.registry_ttl_s
-        )
+        self.registry = registry or config.build_registry(self.base_name)
         self.metrics = metrics or NullMetrics()
         self._load_locks: dict[str, asyncio.Lock] = {}
         # Canonical ids are immutable (registry version / content stamp), so a rejected adapter stays rejected: keep
         # the reason instead of re-reading its files for every request (and for Serve's multiplex load, then ours).
         self._rejected: OrderedDict[str, str] = OrderedDict()
+        # How each adapter was trained to be asked (adapters/prompt_format.py); ids are immutable, so kept past evictions
+        self._prompts: OrderedDict[str, PromptFormat | None] = OrderedDict()
 
     def info(self) -> dict[str, Any]:
         engine = self.engine.engine
@@ -72,6 +74,12 @@ class ModelService:
             ref = await asyncio.to_thread(self.registry.ref_for_id, adapter_id)
             folder = await asyncio.to_thread(self.registry.fetch, ref)
             try:
+                try:
+                    self._prompts[adapter_id] = await asyncio.to_thread(read_prompt_format, folder)
+                except PromptFormatError as err:
+                    raise AdapterRejected(str(err)) from None
+                while len(self._prompts) > 4096:
+                    self._prompts.popitem(last=False)
                 await self.engine.load_adapter(adapter_id, folder)
             except AdapterRejected as err:
                 self._rejected[adapter_id] = str(err)
@@ -101,29 +109,22 @@ class ModelService:
         self.metrics.adapter_event(adapter_id, "evict")
 
     # -- requests ---------------------------------------------------------------------------------------------
-    def encode(self, payload: dict[str, Any]) -> list[int]:
-        if payload["kind"] == "chat":
-            text = self.tokenizer.apply_chat_template(payload["messages"], tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
-        return self.tokenizer(payload["prompt"], add_special_tokens=True).input_ids
+    def encode(self, payload: dict[str, Any], adapter_id: str | None = None) -> list[int]:
+        """Prompt token ids, asked the way the adapter was trained (serve_app/prompting.py)."""
+        fmt = self._prompts.get(adapter_id) if adapter_id else None
+        return prompting.prompt_ids(self.tokenizer, payload, fmt, self.config.apply_trained_prompt,
+                                    self.config.template_lorax_chat)  # fmt: skip
 
     def sampling_params(self, payload: dict[str, Any], prompt_len: int) -> SamplingParams:
         max_tokens = payload.get("max_tokens")
         if max_tokens is None:
             max_tokens = max(1, min(self.config.default_max_tokens, self.max_seq_len - prompt_len))
-        return SamplingParams(
-            max_tokens=int(max_tokens),
-            temperature=float(payload.get("temperature") or 0.0),
-            top_p=float(payload.get("top_p") or 1.0),
-            stop=tuple(payload.get("stop") or ()),
-            seed=payload.get("seed"),
-        )
+        return SamplingParams.from_payload(payload, max_tokens, self.config.request_timeout_s)
 
     async def generate(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]:
         label = adapter_id or "base"
         started = time.monotonic()
-        prompt_ids = await asyncio.to_thread(self.encode, payload)
-        params = self.sampling_params(payload, len(prompt_ids))
+        prompt_ids: list[int] | None = None
         for attempt in range(3):
             if adapter_id:
                 failure = await self._try_load(adapter_id)
@@ -131,6 +132,9 @@ class ModelService:
                     self.metrics.request(label, str(failure["status"]))
                     yield failure
                     return
+            if prompt_ids is None:  # after the load: the adapter's prompt format decides the template
+                prompt_ids = await asyncio.to_thread(self.encode, payload, adapter_id)
+                params = self.sampling_params(payload, len(prompt_ids))
             stream = self.engine.generate(prompt_ids, params, adapter_id)
             try:
                 first = await anext(stream)
@@ -148,18 +152,17 @@ class ModelService:
         while True:
             if out.error:
                 self.metrics.request(label, "error")
-                yield error_event(500, out.error)
+                yield error_event(out.error_status, out.error, None, out.error_code)
                 return
-            if out.text:
-                yield {"type": "delta", "text": out.text}
+            if event := token_events.delta(out, self.tokenizer, prompt_ids):
+                yield event
             if out.finished:
                 break
             out = await anext(stream)
         self.metrics.request(label, "ok")
         self.metrics.tokens(label, out.prompt_tokens, out.completion_tokens)
         self.metrics.latency(label, time.monotonic() - started)
-        yield {"type": "end", "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-               "completion_tokens": out.completion_tokens}  # fmt: skip
+        yield token_events.end(out)
 
 
 class LocalBackend:

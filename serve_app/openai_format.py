@@ -1,5 +1,6 @@
-"""Response objects in the shapes OpenAI and LoRAX clients parse: chat.completion(.chunk), text_completion,
-LoRAX generate / generate_stream, and the SSE framing (`data: {...}\\n\\n`, ending with `data: [DONE]`)."""
+"""Response objects in the shapes OpenAI clients parse: chat.completion(.chunk) and text_completion (one builder for
+both, `chat` says which), their `logprobs` objects, and the SSE framing (`data: {...}\\n\\n`, ending with
+`data: [DONE]`). Tokens are the model replica's token dicts (serve_app/token_events.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import time
 import uuid
 from typing import Any
+
+from serve_app.generation import Result
 
 
 def new_id(prefix: str) -> str:
@@ -21,66 +24,68 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_completion(rid: str, model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
-        ],
-        "usage": usage(prompt, completion),
-    }
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
+def chat_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """`choices[].logprobs` of chat: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    content = [{"token": t["text"], "logprob": t["logprob"], "bytes": _bytes(t["text"]),
+                "top_logprobs": [{"token": s, "logprob": lp, "bytes": _bytes(s)} for _, s, lp in t["top"]]}
+               for t in tokens if not t.get("eos")]  # fmt: skip
+    return {"content": content, "refusal": None}
 
 
-def text_completion(rid: str, model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        "usage": usage(prompt, completion),
-    }
+def text_logprobs(tokens: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """`choices[].logprobs` of completions: parallel lists of tokens, logprobs, top-k dicts, text offsets."""
+    tokens = [t for t in tokens if not t.get("eos")]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t["text"])
+    return {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{s: lp for _, s, lp in t["top"]} if t["logprob"] is not None else None
+                             for t in tokens],
+            "text_offset": offsets}  # fmt: skip
 
 
-def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-    }
+def choice(index: int, result: Result, chat: bool, logprobs: bool, echo: str | None = None) -> dict[str, Any]:
+    """One choice of a whole answer; `echo` (completions): the prompt, put before the text (and its tokens)."""
+    finish = result.finish_reason
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                "finish_reason": finish, "logprobs": chat_logprobs(result.tokens) if logprobs else None}  # fmt: skip
+    tokens = (result.prompt or []) + result.tokens if echo is not None else result.tokens
+    text = (echo or "") + result.text
+    return {"index": index, "text": text, "finish_reason": finish,
+            "logprobs": text_logprobs(tokens) if logprobs else None}  # fmt: skip
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, prompt: int, completion: int) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt, completion)}  # fmt: skip
+def completion(rid: str, model: str, chat: bool, choices: list[dict[str, Any]], use: dict[str, int]) -> dict:
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": use}  # fmt: skip
 
 
-LORAX_FINISH = {"length": "length", "stop": "eos_token"}
+def chunk(rid: str, model: str, created: int, chat: bool, index: int, text: str | None, finish: str | None = None,
+          tokens: list[dict[str, Any]] | None = None, role: bool = False) -> dict:  # fmt: skip
+    """One streamed chunk of one choice (text None: no content, e.g. the final chunk)."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        body: dict[str, Any] = {"index": index, "delta": delta}
+        logprobs = chat_logprobs(tokens) if tokens is not None else None
+    else:
+        body = {"index": index, "text": text or ""}
+        logprobs = text_logprobs(tokens) if tokens is not None else None
+    body.update(finish_reason=finish, logprobs=logprobs)
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [body]}  # fmt: skip
 
 
-def lorax_details(end: dict, seed: int | None) -> dict:
-    return {"finish_reason": LORAX_FINISH.get(end["finish_reason"], end["finish_reason"]),
-            "prompt_tokens": end["prompt_tokens"], "generated_tokens": end["completion_tokens"], "seed": seed}  # fmt: skip
-
-
-def lorax_token(text: str, index: int) -> dict:
-    return {"token": {"id": index, "text": text, "logprob": None, "special": False}, "generated_text": None,
-            "details": None}  # fmt: skip
+def usage_chunk(rid: str, model: str, created: int, chat: bool, use: dict[str, int]) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": use}  # fmt: skip
 
 
 def model_card(model_id: str, root: str, parent: str | None = None, meta: dict | None = None) -> dict:

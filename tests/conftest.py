@@ -8,6 +8,7 @@ Run from the repo root: `pytest` (everything; `slow` tests start real Ray / MLfl
   tmp state dir, `num_cpus=4`; stopped by PID at the end of the session. `local_stack` yields its `StackInfo`.
 - `tiny_base` / `tiny_shapes` / `smollm2_base` (session scope): loaded base models.
 - Environment for the whole session (set in `pytest_configure`): see `TEST_ENV`.
+- Tests marked `gpu` are skipped unless `torch.cuda.is_available()` (`pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def pytest_configure(config: pytest.Config) -> None:
     # Make the project importable under a bare `pytest` too (pyproject has no `pythonpath` setting).
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu`-marked tests are skipped where CUDA is not available (torch imported only if there are any)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+        for item in gpu_items:
+            item.add_marker(skip)
 
 
 # --- ports ---------------------------------------------------------------------------------------------------

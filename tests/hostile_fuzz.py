@@ -92,7 +92,8 @@ def check_error(response: httpx.Response) -> dict[str, Any]:
 def check_success(path: str, body: dict[str, Any], response: httpx.Response) -> None:
     """A 2xx has the shape its endpoint promises (JSON, or SSE frames ending as the protocol says)."""
     if response.headers["content-type"].startswith("text/event-stream"):
-        frames = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        # SSE lines end at \n (or \r\n) only: str.splitlines() would also cut at U+0085 / U+2028 inside the JSON text
+        frames = [line[6:].rstrip("\r") for line in response.text.split("\n") if line.startswith("data: ")]
         assert frames and not any('"error"' in f[:12] for f in frames), response.text[:500]
         if path == "/generate_stream":
             assert json.loads(frames[-1])["details"]["finish_reason"], frames[-1]
@@ -110,10 +111,10 @@ def check_success(path: str, body: dict[str, Any], response: httpx.Response) -> 
 # field -> (integer?, low, high, null allowed?, low exclusive?)
 _NUMBERS: dict[str, tuple[bool, float, float, bool, bool]] = {
     "max_tokens": (True, 1, MAX_SEQ_LEN - 1, True, False),
-    "max_new_tokens": (True, 1, MAX_SEQ_LEN - 1, False, False),
+    "max_new_tokens": (True, 1, MAX_SEQ_LEN - 1, True, False),  # lorax-client sends null
     "max_completion_tokens": (True, 1, math.inf, True, False),
     "seed": (True, 0, 2**63 - 1, True, False),
-    "n": (True, 1, 1, False, False),
+    "n": (True, 1, 16, False, False),
     "top_p": (False, 0, 1, False, True),
 }
 

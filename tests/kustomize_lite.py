@@ -1,4 +1,9 @@
-"""A minimal `kustomize build` for tests/test_deploy_manifests.py: only the features k8s/ uses, in plain Python.
+"""`kustomize build` for tests/test_deploy_manifests.py: the real one where installed, else a minimal fallback.
+
+`build(folder)` runs `kustomize build` or `kubectl kustomize` (kustomize v5 is built into kubectl) when either is
+on PATH (`LORAFLEET_KUSTOMIZE=lite` forces the fallback), and `builder()` says which ran. The fallback,
+`build_lite`, implements in plain Python only the features k8s/ uses; where the real one is installed,
+test_deploy_manifests.py checks that both build the same objects.
 
 Supported kustomization.yaml fields (anything else raises, so a new feature used in k8s/ fails here instead of
 being silently ignored):
@@ -15,6 +20,10 @@ being silently ignored):
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +40,43 @@ def load_docs(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+@functools.cache
+def real_kustomize() -> tuple[str, ...] | None:
+    """The command that runs a real `kustomize build`, or None (not installed, or LORAFLEET_KUSTOMIZE=lite)."""
+    if os.environ.get("LORAFLEET_KUSTOMIZE") == "lite":
+        return None
+    if shutil.which("kustomize"):
+        return ("kustomize", "build")
+    if shutil.which("kubectl"):
+        probe = subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            return ("kubectl", "kustomize")
+    return None
+
+
+def builder() -> str:
+    """Which builder `build` uses, for test output."""
+    command = real_kustomize()
+    if command is None:
+        return "tests/kustomize_lite.py (no kustomize or kubectl on PATH, or LORAFLEET_KUSTOMIZE=lite)"
+    version = subprocess.run([command[0], "version", *(["--client"] if command[0] == "kubectl" else [])],
+                             capture_output=True, text=True, timeout=60).stdout.strip().replace("\n", "; ")  # fmt: skip
+    return f"{' '.join(command)} ({version})"
+
+
 def build(folder: Path) -> list[dict[str, Any]]:
-    """The objects `kustomize build folder` would print (for the features above)."""
+    """The objects `kustomize build folder` prints: from the real kustomize where installed, else `build_lite`."""
+    command = real_kustomize()
+    if command is None:
+        return build_lite(folder)
+    done = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise KustomizeError(f"{' '.join(command)} {folder}: {done.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
+
+
+def build_lite(folder: Path) -> list[dict[str, Any]]:
+    """The objects `kustomize build folder` would print (for the features above), in plain Python."""
     spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
     unknown = set(spec) - SUPPORTED
     if unknown:
@@ -40,7 +84,7 @@ def build(folder: Path) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     for entry in spec.get("resources", []):
         path = folder / entry
-        objects += build(path) if path.is_dir() else load_docs(path)
+        objects += build_lite(path) if path.is_dir() else load_docs(path)
     for patch in spec.get("patches", []):
         _apply_patch(objects, folder, patch)
     for image in spec.get("images", []):

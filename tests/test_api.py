@@ -108,7 +108,7 @@ def test_models_lists_base_and_servable_adapters_only(app) -> None:
         ({"model": "ad1", "messages": HI, "max_tokens": -1}, 400, "max_tokens"),
         ({"model": "ad1", "messages": HI, "temperature": "NaN"}, 400, "temperature"),
         ({"model": "ad1", "messages": HI, "top_p": 0}, 400, "top_p"),
-        ({"model": "ad1", "messages": HI, "n": 2}, 400, "n"),
+        ({"model": "ad1", "messages": HI, "n": 17}, 400, "n"),
         ({"model": "ad1", "messages": HI, "stop": ["x"] * 5000}, 400, "stop"),
         ({"model": "ad1", "messages": []}, 400, "messages"),
         ({"model": "ad1", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),

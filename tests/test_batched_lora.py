@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.batched_lora import LoraBatch, apply_lora, expand_reference, shrink_reference
+from adapters.batched_lora import LoraBatch, apply_lora
 from adapters.lora_files import BaseShapes, LoraAdapterConfig, LoraWeights
+from adapters.lora_reference import expand_reference, shrink_reference
 from adapters.slot_bank import LoraSlotBank, NoFreeSlot
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters.batched_lora import LoraBatch, expand_reference, shrink_reference
+from adapters.batched_lora import LoraBatch
 from adapters.lora_files import WEIGHTS_FILE, read_config
+from adapters.lora_reference import expand_reference, shrink_reference
 from jobs.config import SweepConfig, TrialSpec
 from jobs.cotrain_loop import cotrain
 from jobs.train_loop import train

@@ -305,7 +305,7 @@ def test_mlflow_restarted_mid_sweep_loses_no_run_param_metric_or_artifact(
         assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= files
         assert load_file(mlflow.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path)))
         (version,) = [v for v in versions if v.run_id == run_id]
-        assert run.data.tags[TAG_VERSION] == version.version and version.source.endswith("/adapter")
+        assert run.data.tags[TAG_VERSION] == version.version and version.source.endswith("/model")
     assert during_outage >= 5, "the long adapter was not training while MLflow was down"
     print(f"loss points measured while MLflow was down and delivered after: {during_outage}", flush=True)
     parent = mlflow.get_run(runs[0].data.tags["mlflow.parentRunId"])

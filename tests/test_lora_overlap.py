@@ -1,17 +1,19 @@
 """The engine's choice of the LoRA side thread (serve_app/engine/lora_overlap.py, `engine.lora_overlap`): `off`
 never, `on` always (PyTorch's threads untouched, refused with the reason where it cannot run), `auto` by measuring,
 once per model shape and batch, handing the side thread one of PyTorch's threads only if PyTorch gains less from
-it than the LoRA costs."""
+it than the LoRA costs -- during the engine's steps only: building an engine, or running an eval with one in a
+training worker, leaves the process's thread count and no worker thread behind."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
 from adapters import native_lora
-from serve_app.engine import EngineConfig, LoraEngine, lora_overlap
+from serve_app.engine import EngineConfig, LoraEngine, SamplingParams, lora_overlap
 
 pytestmark = pytest.mark.skipif(not native_lora.available(), reason=f"{native_lora.unavailable_reason()}")
 
@@ -59,7 +61,8 @@ def test_auto_gives_the_side_thread_a_core_only_if_pytorch_does_not_use_it(tiny_
     torch.set_num_threads(2)
     engine = _engine(tiny_base, lora_overlap="auto", max_running=100, prefill_chunk=256)
     assert (engine.runner.side is not None) == side_wins
-    assert torch.get_num_threads() == (1 if side_wins else 2)  # the side thread took one of PyTorch's
+    assert engine.overlap.torch_threads == (1 if side_wins else None)  # the side thread takes one of PyTorch's...
+    assert torch.get_num_threads() == 2  # ...during the engine's steps only
     assert measured == [(64, 4, 64, "auto", 2)]  # probe capped at 64 rows and 64 prompt tokens; 4 adapters, 2 threads
     torch.set_num_threads(2)
     _engine(tiny_base, lora_overlap="auto", max_running=100, prefill_chunk=256)
@@ -78,3 +81,57 @@ def test_the_measurement_times_both_thread_counts_and_restores_pytorchs(tiny_bas
         line.startswith(f"LoRA side thread {'on' if verdict else 'off'}")
         and "faster on 2 PyTorch threads than on 1; LoRA in place adds" in line
     )
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_the_engine_takes_the_thread_only_inside_its_steps(tiny_base, threads: int, monkeypatch) -> None:
+    monkeypatch.setattr(lora_overlap, "_measure", lambda *args: True)
+    monkeypatch.setattr(lora_overlap, "_decisions", {})
+    torch.set_num_threads(2)
+    engine = _engine(tiny_base, lora_overlap="auto")
+    assert engine.runner.side is not None and torch.get_num_threads() == 2
+    seen, decode = [], engine.runner.decode
+    monkeypatch.setattr(engine.runner, "decode", lambda *a: seen.append(torch.get_num_threads()) or decode(*a))
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    assert seen == [1, 1] and torch.get_num_threads() == 2  # 1 during the decode steps, 2 again after each
+    engine.close()
+    engine.close()  # idempotent
+    assert engine.runner.side is None and engine.overlap.torch_threads is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+def test_an_eval_in_a_training_worker_leaves_its_threads_as_they_were(tiny_base, threads: int, monkeypatch) -> None:
+    """A training worker on 2 PyTorch threads runs quick evals (jobs.evaluate, whose engine gets the side thread):
+    afterwards it trains on 2 threads again, and no eval leaves a worker thread running."""
+    from jobs.config import load_config
+    from jobs.evaluate import evaluate
+    from jobs.task_data import load_task
+
+    monkeypatch.setattr(lora_overlap, "_measure", lambda *args: True)
+    monkeypatch.setattr(lora_overlap, "_decisions", {})
+    task = load_config("jobs/configs/cpu-smollm2.yaml").task_configs()["sentiment"]
+    examples = load_task("sentiment", task).eval[:2]
+    torch.set_num_threads(2)
+    layer = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+
+    def train_step() -> int:
+        optimizer.zero_grad()
+        layer(torch.randn(32, 64)).square().mean().backward()
+        optimizer.step()
+        return torch.get_num_threads()
+
+    sides: list[bool] = []  # whether each eval's engine got the side thread
+    real_choose = lora_overlap.choose
+    monkeypatch.setattr(lora_overlap, "choose", lambda *a: sides.append((o := real_choose(*a)).worker is not None) or o)
+    evaluate(tiny_base, examples, task.metric, {"base": None}, max_new_tokens=3)  # warm-up: PyTorch's own pools
+    before = (train_step(), _os_threads())
+    for _ in range(3):
+        evaluate(tiny_base, examples, task.metric, {"base": None}, max_new_tokens=3)
+        assert (train_step(), _os_threads()) == before
+    assert before[0] == 2 and sides == [True] * 4

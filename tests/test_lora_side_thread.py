@@ -137,3 +137,16 @@ def test_a_closed_worker_refuses_calls(bank: LoraSlotBank) -> None:
     a, bs, x, _ = _inputs(bank, 0, "o", 2, torch.Generator().manual_seed(1))
     with pytest.raises(RuntimeError, match="closed"):
         native_lora.RowOrder([1, 2]).start(worker, x, a, bs, RANK)
+
+
+def test_a_slot_the_weights_do_not_have_is_refused_before_the_worker_runs(bank: LoraSlotBank,
+                                                                          worker: SideWorker) -> None:  # fmt: skip
+    """A plan built without the slot count (no slot bank given) meets the side thread's weights: its highest slot
+    is checked against them before the call is handed to C (10**12 would crash the process there)."""
+    a, bs, x, ys = _inputs(bank, 0, "o", 3, torch.Generator().manual_seed(2))
+    before = ys[0].clone()
+    with pytest.raises(IndexError, match="slot 1000000000000 is out of range for weights with 7 slots"):
+        native_lora.RowOrder([1, 10**12, 0]).start(worker, x, a, bs, RANK)
+    assert worker.calls == 0 and torch.equal(ys[0], before)
+    _run(worker, native_lora.RowOrder([1, 6, 0]), a, bs, x, ys)  # the worker still takes good calls
+    assert worker.calls == 1 and not torch.equal(ys[0], before)

@@ -78,8 +78,10 @@ def test_served_adapter_answers_differ_from_the_base_and_score_better(stack: dic
     assert first_demo.returncode == 0
     task = get_task(TASK)
     rows = load_split(TASK, "eval")[20:30]  # rows the sweep's evaluation did not look at
-    adapter = [chat(stack, TASK, task.messages(r)) for r in rows]
-    base = [chat(stack, "smollm2-135m", task.messages(r)) for r in rows]
+    # Only the user's text, as a client would send it: the adapter is served with the system prompt it was trained
+    # with (its lorafleet_prompt.json), the bare base gets exactly what was sent.
+    adapter = [chat(stack, TASK, [{"role": "user", "content": r["input"]}]) for r in rows]
+    base = [chat(stack, "smollm2-135m", [{"role": "user", "content": r["input"]}]) for r in rows]
     assert sum(a != b for a, b in zip(adapter, base, strict=True)) >= 8
     adapter_score = sum(task.score(a, r["output"]) for a, r in zip(adapter, rows, strict=True))
     base_score = sum(task.score(b, r["output"]) for b, r in zip(base, rows, strict=True))

@@ -1,4 +1,5 @@
-"""Tests for jobs.metrics on hand-made cases; every expected number is worked out by hand in a comment.
+"""Tests for jobs.metrics (normalisation, exact match, JSON fields, ROUGE-L basics, `score`, the CLI) on hand-made
+cases; every expected number is worked out by hand in a comment. More: tests/test_metrics_{rows,split,rouge}.py.
 
 Run: `pytest tests/test_metrics.py -q` (pure Python, well under a second).
 """
@@ -17,6 +18,8 @@ from jobs.metrics import (
     score,
     word_tokens,
 )
+from jobs.metrics.__main__ import main
+from jobs.task_config import MetricConfig
 
 
 @pytest.mark.parametrize(
@@ -126,6 +129,56 @@ def test_rouge_l_case_punctuation_and_empty() -> None:
 def test_score_dispatch() -> None:
     assert score("exact_match", "Mixed.", "mixed") == 1.0
     assert score("json_f1", '{"a": 1}', '{"a": 1, "b": 2}') == pytest.approx(2 / 3)  # P = 1, R = 1/2
+    assert score("json_fields", '{"a": 1}', '{"a": 1, "b": 2}') == pytest.approx(2 / 3)  # the same metric
     assert score("rouge_l", "a b c d", "a c e") == pytest.approx(4 / 7)
-    with pytest.raises(ValueError, match="exact_match, json_f1, rouge_l"):
+    assert score("numeric", "x = 2.0000001", "2") == 1.0  # |diff| 1e-7 <= 1e-6 * 2 (default tolerance)
+    assert score("numeric", "x = 2.00001", "2") == 0.0  # 1e-5 > 2e-6
+    assert score("choice", "Yes.", "yes") == 1.0
+    assert score("choice", "yes, I think", "yes") == 0.0  # no label set given: only the normalised exact match
+    with pytest.raises(ValueError, match="unknown metric 'bleu'; known: exact_match, choice, json_fields, json_f1"):
         score("bleu", "a", "a")
+    with pytest.raises(ValueError, match="regex needs a pattern"):
+        score("regex", "a", "a")
+    with pytest.raises(ValueError, match="eval_loss is scored from the model's loss"):
+        score("eval_loss", "a", "a")
+
+
+def test_score_with_metric_config() -> None:
+    assert score(MetricConfig(name="json_fields", fields=["a"]), '{"a": 1}', '{"a": 1, "b": 2}') == 1.0
+    assert score(MetricConfig(name="numeric", tolerance=0.01), "about 101", "100") == 1.0  # 1 <= 0.01 * 100
+    assert score(MetricConfig(name="numeric", tolerance=0.01), "about 102", "100") == 0.0
+    assert score(MetricConfig(name="regex", pattern=r"Answer:\s*(\w+)"), "so... Answer: B", "B") == 1.0
+    assert score(MetricConfig(name="choice", labels=["yes", "no"]), "I'd say yes", "yes") == 1.0
+
+
+def test_json_fields_restricted_to_fields() -> None:
+    ref = '{"a": 1, "b": 2, "c": 3}'
+    pred = '{"a": 1, "b": 5, "d": 4}'
+    # all keys: pred {a=1, b=5, d=4}, ref {a=1, b=2, c=3}: overlap 1, P = R = 1/3 -> F1 = 1/3
+    assert json_field_f1(pred, ref) == pytest.approx(1 / 3)
+    # fields a, b: pred {a=1, b=5}, ref {a=1, b=2}: P = R = 1/2 -> 1/2 (c and d no longer count)
+    assert json_field_f1(pred, ref, fields=["a", "b"]) == pytest.approx(0.5)
+    assert json_field_f1(pred, ref, fields=["A"]) == 1.0  # field names compare like keys (case-insensitive)
+    assert json_field_f1(pred, ref, fields=["z"]) == 1.0  # absent from both: nothing to disagree on
+    assert json_field_f1('{"z": 1}', ref, fields=["z"]) == 0.0  # predicted a field the reference lacks
+
+
+def test_cli_prints_the_score(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["rouge_l", "the cat sat on the mat", "the cat is on the mat"])
+    main(["choice", "I think positive", "positive", "--labels", "positive,negative"])
+    main(["numeric", "about 1,001", "1000", "--tolerance", "0.01"])
+    main(["regex", "Answer: B", "b", "--pattern", r"Answer:\s*(\w)"])
+    assert capsys.readouterr().out.split() == ["0.8333", "1.0000", "1.0000", "1.0000"]
+
+
+def test_cli_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["regex", "a", "a"])
+    assert exit_info.value.code == 2
+    assert "pattern: metric regex needs a pattern" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["exact_match", "a", "a", "--labels", "x,y"])
+    assert "labels: only for metric choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["json_fields", "{}", "not json"])
+    assert "reference is not a JSON object" in capsys.readouterr().err

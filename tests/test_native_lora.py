@@ -3,6 +3,7 @@ the float64 per-row oracle on the slot bank's own layout, the plans that use it,
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from adapters import native_lora
-from adapters.batched_lora import LoraBatch, expand_reference, shrink_reference
+from adapters.batched_lora import LoraBatch
+from adapters.kernel_build import KERNELS
 from adapters.lora_files import BaseShapes, LoraAdapterConfig, LoraWeights
+from adapters.lora_reference import expand_reference, shrink_reference
 from adapters.slot_bank import GROUPS, LoraSlotBank
 
 needs_kernel = pytest.mark.skipif(
@@ -174,7 +177,7 @@ def test_without_the_kernel_plans_use_the_pytorch_paths(bank: LoraSlotBank, monk
 
 
 def test_a_build_failure_is_reported_with_the_compiler_message(tmp_path: Path, monkeypatch) -> None:
-    if native_lora._compiler() is None:
+    if native_lora.compiler() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
     broken = tmp_path / "broken.c"
@@ -182,6 +185,84 @@ def test_a_build_failure_is_reported_with_the_compiler_message(tmp_path: Path, m
     with pytest.raises(RuntimeError, match="undefined_name"):
         native_lora.build(broken)
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left in the cache
+
+
+@needs_kernel
+def test_a_bad_slot_is_refused_when_the_plan_is_built_before_any_c_code_runs(bank: LoraSlotBank,
+                                                                              monkeypatch) -> None:  # fmt: skip
+    """The C code reads `a + slot * stride` unchecked: a slot the bank does not have never gets there. Plans over
+    the slot bank check at construction; a plan that did not know the slot count checks when it first meets the
+    weights (a slot of 10**12 would crash the process if it reached C)."""
+    slots = bank.storage.shape[0]  # 7: slot 0 and six adapters
+    with pytest.raises(IndexError, match=f"row 1: adapter slot {slots} is out of range"):
+        LoraBatch(torch.tensor([1, slots, 0]), bank.storage)
+    with pytest.raises(IndexError, match="row 2: adapter slot -1"):
+        LoraBatch(torch.tensor([1, 2, -1]), bank.storage)
+    with pytest.raises(IndexError):
+        LoraBatch(torch.tensor([slots]), bank.storage)  # a one-adapter plan (the uniform rows) as well
+    a, b = bank.a["o"][0], bank.b["o_proj"][0]
+    y = torch.zeros(3, 40)
+    for order in (native_lora.RowOrder([1, 10**12, 0]), native_lora.UniformRows(10**12, capacity=4)):
+        with pytest.raises(IndexError, match="slot 1000000000000 is out of range for weights with 7 slots"):
+            order.apply(torch.randn(3, 40), a, [(y, b)], RANK)
+    assert not y.any()
+    # checked once per plan and weights, not per call
+    checks = []
+    check = native_lora.check_slots
+    monkeypatch.setattr(native_lora, "check_slots", lambda *args: checks.append(1) or check(*args))
+    order = native_lora.RowOrder([2, 0, 6], num_slots=slots)
+    for _ in range(5):
+        assert order.apply(torch.randn(3, 40), a, [(y, b)], RANK, key="o0")
+    assert len(checks) == 1
+
+
+def _kernel_copy(tmp_path: Path, old: str, new: str) -> tuple[Path, ...]:
+    """The kernel's sources copied to tmp_path with one edit (`old` -> `new` in the header)."""
+    folder = tmp_path / "kernels"
+    shutil.copytree(KERNELS, folder)
+    header = folder / "bgmv_cpu.h"
+    assert old in header.read_text()
+    header.write_text(header.read_text().replace(old, new))
+    return folder / "bgmv_cpu.c", folder / "side_worker.c"
+
+
+@pytest.mark.parametrize("old,new,reason", [
+    ("#define LF_ABI_VERSION 2", "#define LF_ABI_VERSION 3", "ABI version 3, this binding expects 2"),
+    ("    int64_t out;\n} lf_output;", "    int64_t out;\n    int64_t added;\n} lf_output;",
+     "struct layout differs.*lf_output: library 56, binding 48"),
+    ("    int64_t x_row_stride;\n    int64_t in_features;", "    int64_t in_features;\n    int64_t x_row_stride;",
+     "lf_call.in_features: library 8, binding 16"),
+    ("#define MAX_R 1024", "#define MAX_R 2048", "MAX_R: library 2048, binding 1024"),
+])  # fmt: skip
+def test_the_loader_refuses_a_library_whose_abi_differs(tmp_path: Path, monkeypatch, old: str, new: str,
+                                                        reason: str) -> None:  # fmt: skip
+    if native_lora.compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
+    library = native_lora.build(_kernel_copy(tmp_path, old, new), flags=["-O0"])
+    with pytest.raises(native_lora.AbiMismatch, match=reason):
+        native_lora.open_library(library)
+    same = native_lora.build(_kernel_copy(tmp_path / "same", old, old), flags=["-O0"])
+    assert native_lora.open_library(same).lf_abi_version() == native_lora.ABI_VERSION  # the unchanged copy loads
+    # a prebuilt library named by $LORAFLEET_NATIVE_LORA_LIB is checked the same way: no kernel, and the reason
+    monkeypatch.setenv("LORAFLEET_NATIVE_LORA_LIB", str(library))
+    native_lora._load.cache_clear()
+    try:
+        assert not native_lora.available()
+        assert re.search(reason, native_lora.unavailable_reason()) and str(library) in native_lora.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        native_lora._load.cache_clear()
+
+
+def test_a_library_without_the_abi_functions_is_refused(tmp_path: Path, monkeypatch) -> None:
+    if native_lora.compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path))
+    old = tmp_path / "old.c"
+    old.write_text("int lf_bgmv_f32_call(const void *c) { return c == 0; }\n")
+    with pytest.raises(native_lora.AbiMismatch, match="no lf_abi_version"):
+        native_lora.open_library(native_lora.build(old, flags=["-O0"]))
 
 
 def test_no_compiler_means_no_kernel_and_a_reason(monkeypatch, tmp_path: Path) -> None:

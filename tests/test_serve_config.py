@@ -118,3 +118,15 @@ def test_unknown_keys_are_caught_here_although_ray_ignores_them(config: dict[str
 )
 def test_metric_labels_name_the_adapter_as_users_request_it(adapter_id: str, labels: dict[str, str]) -> None:
     assert adapter_labels(adapter_id) == labels
+
+
+def test_the_serve_config_decides_which_adapter_sources_requests_can_reach(tmp_path: Path) -> None:
+    from adapters.sources.hf_hub import HubSource
+    from adapters.sources.local_catalog import LocalCatalog
+    from adapters.sources.object_store import ObjectStoreSource
+
+    plain = ServeAppConfig(mlflow_tracking_uri="").build_registry("tiny-llama")
+    assert plain.sources == []  # nothing configured: no source a request could name
+    wide = ServeAppConfig(mlflow_tracking_uri="", catalog_dir=str(tmp_path), hub_adapters=["my-org/*"],
+                          adapter_store_prefixes=[f"file://{tmp_path}/"]).build_registry("tiny-llama")  # fmt: skip
+    assert [type(s) for s in wide.sources] == [LocalCatalog, HubSource, ObjectStoreSource]

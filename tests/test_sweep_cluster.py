@@ -31,8 +31,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+def user_task(folder: Path) -> dict[str, Any]:
+    """A task of the user's own (prompt/completion JSONL, metric choice, a seeded eval split): the sweep tests run
+    it next to a bundled task, so grids, co-training, resume and the registry are checked for both kinds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "triage.jsonl"
+    issues = {"billing": ["charged twice", "refund please", "wrong invoice", "card billed"],
+              "bug": ["app crashes", "error 500", "page blank", "sync broken"]}  # fmt: skip
+    rows = [{"prompt": f"Ticket #{n}: {text}\nTeam:", "completion": f" {team}"}
+            for n in range(5) for team, texts in issues.items() for text in texts]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"train": str(path), "eval_fraction": 0.25, "metric": {"name": "choice", "labels": ["billing", "bug"]}}
+
+
 def sweep_config(tmp_path: Path, stack: StackInfo, **overrides: Any) -> tuple[Path, dict[str, Any]]:
-    """A tiny-model sweep with its own experiment and registry prefix (the stack's MLflow is shared by tests)."""
+    """A tiny-model sweep with its own experiment and registry prefix (the stack's MLflow is shared by tests), on
+    one bundled task and one user task."""
     tag = uuid.uuid4().hex[:8]
     config: dict[str, Any] = {
         "name": f"t{tag}",
@@ -48,7 +62,7 @@ def sweep_config(tmp_path: Path, stack: StackInfo, **overrides: Any) -> tuple[Pa
             "checkpoint_every": 3,
         },  # fmt: skip
         "evaluation": {"max_examples": 6, "max_new_tokens": 4, "batch_size": 12},
-        "tasks": ["sentiment", "date_normalisation"],
+        "tasks": {"sentiment": "bundled", "triage": user_task(tmp_path / "data")},
         "resources": {"workers_per_adapter": 1, "cpus_per_worker": 1},
         "max_concurrent_trials": 2,
         "storage_path": str(tmp_path / "runs"),
@@ -98,7 +112,7 @@ def test_sweep_job_succeeds_and_prints_a_summary(finished_sweep: dict[str, Any])
     out = finished_sweep["output"]
     assert finished_sweep["result"].returncode == 0, out[-4000:]
     assert "succeeded" in out
-    for task in ("sentiment", "date_normalisation"):
+    for task in ("sentiment", "triage"):
         assert out.count(f"[{task}] step     1 ") == 1  # per-adapter progress in the job log, once (not re-logged
         # by Ray Train's print patch: cluster/runtime_env.yaml)
         assert f"registered {finished_sweep['config']['mlflow']['registry_prefix']}{task} version 1" in out
@@ -126,12 +140,20 @@ def test_mlflow_holds_params_tags_metrics_and_artifacts(finished_sweep: dict[str
         assert {"lr", "tokens_per_s"} <= set(metrics)
         assert metrics["final_steps"] == 6
         assert metrics["final_delta"] == pytest.approx(metrics["final_adapter_score"] - metrics["final_base_score"])
+        for plain in ("adapter_score", "base_score", "delta", "train_loss", "train_seconds", "epochs"):  # for charts
+            assert metrics[plain] == metrics[f"final_{plain}"]
+        assert metrics["train_tokens_per_s"] == metrics["final_tokens_per_s"]
+        assert {"model/MLmodel", "model/artifacts"} <= {a.path for a in mlflow.list_artifacts(run.info.run_id, "model")}
         files = {a.path for a in mlflow.list_artifacts(run.info.run_id, "adapter")}
         assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= files
         examples = json.loads(Path(mlflow.download_artifacts(run.info.run_id, "eval_examples.json")).read_text())
         assert examples and {"input", "expected"} <= set(examples[0])
     parent = mlflow.get_run(child_runs(local_stack, config["mlflow"]["experiment"])[0].data.tags["mlflow.parentRunId"])
-    assert {a.path for a in mlflow.list_artifacts(parent.info.run_id)} >= {"leaderboard.png", "summary.json"}
+    assert {a.path for a in mlflow.list_artifacts(parent.info.run_id)} >= {"leaderboard.png", "summary.json",
+                                                                          "summary_table.json"}  # fmt: skip
+    assert parent.data.metrics["adapters"] == 2
+    experiment = mlflow.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
 
 
 def test_registry_has_a_version_per_adapter_and_a_champion(
@@ -142,7 +164,15 @@ def test_registry_has_a_version_per_adapter_and_a_champion(
     for task in finished_sweep["config"]["tasks"]:
         (version,) = mlflow.search_model_versions(f"name='{prefix}{task}'")
         assert version.tags["task"] == task and version.tags["base_model"] == "tiny-llama"
-        assert version.source.endswith("/adapter")
+        assert version.source.endswith(
+            "/model"
+        )  # a pyfunc model folder holding the adapter (adapters/mlflow_pyfunc.py)
+        # how it was trained travels with the version: data fingerprint, format, metric, prompt, epochs seen
+        assert len(version.tags["data_fingerprint"]) == 16
+        assert version.tags["data_format"] == {"sentiment": "input_output", "triage": "prompt_completion"}[task]
+        assert version.tags["metric"] == {"sentiment": "exact_match", "triage": "choice"}[task]
+        assert float(version.tags["epochs"]) == pytest.approx(6 * 4 / {"sentiment": 600, "triage": 30}[task])
+        assert version.tags["prompt_mode"] == {"sentiment": "chat", "triage": "completion"}[task]
         assert mlflow.get_model_version_by_alias(f"{prefix}{task}", "champion").version == version.version
 
 
@@ -195,7 +225,9 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_stack: 
     run = runs[0]
     assert run.data.tags.get("lorafleet.done") == "true"
     (resumed,) = mlflow.get_metric_history(run.info.run_id, "resumed_from_step")
-    assert 4 <= resumed.value <= killed_at and resumed.value % 4 == 0  # from a checkpoint, not from zero
+    # from a checkpoint, not from zero; MLflow may show fewer steps than the worker had reached when it was killed
+    # (metrics are sent from a queue), so `killed_at` is a lower bound of the step the worker died at
+    assert 4 <= resumed.value < 24 and resumed.value % 4 == 0
     assert run.data.metrics["final_steps"] == 24
     steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
     assert steps.count(1) == 1  # step 1 never ran again
@@ -204,8 +236,8 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(local_stack: 
 
 BAD_INPUTS = {
     "unknown task": ({"tasks": ["sentiment", "no_such_task"]}, "no_such_task"),
-    "missing dataset file": ({"data": {"sentiment": {"train": "/nonexistent/train.jsonl",
-                                                      "eval": "/nonexistent/eval.jsonl"}}}, "/nonexistent/train.jsonl"),
+    "missing dataset file": ({"tasks": {"mine": {"train": "/nonexistent/train.jsonl",
+                                                  "eval": "/nonexistent/eval.jsonl"}}}, "/nonexistent/train.jsonl"),
     "base model not found": ({"base_model": "/nonexistent/model-folder"}, "/nonexistent/model-folder"),
     "impossible resources": ({"resources": {"workers_per_adapter": 1, "cpus_per_worker": 64}}, "64"),
 }  # fmt: skip
@@ -216,7 +248,10 @@ def test_bad_input_stops_before_training_with_one_line(case: str, local_stack: S
     if case == "row without output":
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"input": "great film", "output": "positive"}\n{"input": "no answer here"}\n')
-        overrides, needle = {"data": {"sentiment": {"train": str(bad), "eval": str(bad)}}}, "output"
+        overrides, needle = (
+            {"tasks": {"mine": {"train": str(bad), "eval": str(bad), "format": "input_output"}}},
+            "output",
+        )
     else:
         overrides, needle = BAD_INPUTS[case]
     path, config = sweep_config(tmp_path, local_stack, **overrides)

@@ -52,11 +52,60 @@ def _write(tmp_path: Path, data: dict) -> Path:
     [
         (
             {"name": "x", "tasks": ["sentiment", "poetry"]},
-            "tasks: unknown task 'poetry' (item 1); known tasks: date_normalisation",
+            "tasks: unknown task 'poetry' (item 1); bundled tasks: date_normalisation",
+        ),
+        ({"name": "x", "data": {"sentiment": {"train": "a", "eval": "b"}}}, "data: removed; declare each task"),
+        (
+            {"name": "x", "tasks": {"sentiment": {"train": "a.jsonl", "eval": "b.jsonl"}}},
+            "sentiment: the name of a bundled task",
+        ),
+        ({"name": "x", "tasks": {"mine": {"train": "a.jsonl"}}}, "set exactly one of eval (a path), eval_fraction"),
+        (
+            {"name": "x", "tasks": {"mine": {"train": "a.jsonl", "eval": "b", "eval_fraction": 0.1}}},
+            "set exactly one of eval",
+        ),
+        ({"name": "x", "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "format": "csv"}}}, "tasks.mine.format"),
+        (
+            {"name": "x", "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "columns": {"question": "q"}}}},
+            "unknown field 'question'",
+        ),
+        (
+            {
+                "name": "x",
+                "tasks": {
+                    "mine": {"train": "a", "eval_fraction": 0.1, "metric": {"name": "choice", "labels": ["a", "a"]}}
+                },
+            },
+            "at least two distinct labels",
+        ),
+        (
+            {"name": "x", "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "metric": "regex"}}},
+            "metric regex needs a pattern",
+        ),
+        (
+            {"name": "x", "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "metric": "bleu"}}},
+            "tasks.mine.metric.name",
+        ),
+        (
+            {"name": "x", "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "format": "text"}}},
+            "format text has no reference answers",
+        ),
+        ({"name": "x", "tasks": {"bad name": {"train": "a", "eval_fraction": 0.1}}}, "task name 'bad name'"),
+        (
+            {
+                "name": "x",
+                "deepspeed": {"stage": 3},
+                "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "format": "text", "metric": "eval_loss"}},
+            },
+            "tasks.mine.metric: eval_loss needs the whole model on one rank",
+        ),
+        (
+            {"name": "x", "tasks": {"mine": {"train": "a", "eval_fraction": 0.1, "epochs": 2}}},
+            "tasks.mine.epochs: Extra inputs are not permitted",
         ),
         ({"name": "x", "lora": {"r": 0}}, "lora.r: Input should be greater than or equal to 1"),
         ({"name": "x", "lora": {"rank": 8}}, "lora.rank: Extra inputs are not permitted"),
-        ({"name": "x", "training": {"max_steps": None}}, "set exactly one of max_steps and epochs"),
+        ({"name": "x", "training": {"max_steps": 5, "epochs": 1}}, "set at most one of max_steps and epochs"),
         ({"name": "x", "lora": {"target_modules": ["q_proj", "lm_head"]}}, "unknown modules ['lm_head']"),
         ({"name": "x", "grid": {"lora.rank": [8]}}, "grid key 'lora.rank': lora has no field 'rank'"),
         ({"name": "x", "grid": {"lora.r": [8, -1]}}, "lora.r"),
@@ -83,13 +132,15 @@ def test_preflight_refuses_missing_data_bad_rows_unknown_base_and_impossible_res
     good.write_text('{"input": "a", "output": "b"}\n')
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "only input"}\n')
-    config = SweepConfig(name="p", tasks=["sentiment"], data={"sentiment": {"train": str(tmp_path / "nope.jsonl"),
-                                                                            "eval": str(good)}})  # fmt: skip
-    with pytest.raises(PreflightError, match="nope.jsonl"):
-        check_datasets(config)
-    config = SweepConfig(name="p", tasks=["sentiment"], data={"sentiment": {"train": str(bad), "eval": str(good)}})
-    with pytest.raises(PreflightError, match=r"bad.jsonl:2: missing field 'output'"):
-        check_datasets(config)
+
+    def mine(**task: str) -> SweepConfig:
+        return SweepConfig(name="p", base_model="tiny-llama", tasks={"mine": {"format": "input_output", **task}})
+
+    with pytest.raises(PreflightError, match="tasks.mine: .*nope.jsonl"):
+        check_datasets(mine(train=str(tmp_path / "nope.jsonl"), eval=str(good)))
+    with pytest.raises(PreflightError, match=r"tasks.mine: .*bad.jsonl:2.*'output'"):
+        check_datasets(mine(train=str(bad), eval=str(good)))
+    assert set(check_datasets(mine(train=str(good), eval=str(good)))) == {"mine"}
     with pytest.raises(PreflightError, match="base_model: .*no-such"):
         check_base_model(SweepConfig(name="p", base_model="nobody/no-such-model"))
     with pytest.raises(PreflightError, match="needs 8 CPUs .* the cluster has 4"):

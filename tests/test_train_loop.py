@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from adapters.lora_files import META_BASE_FINGERPRINT, WEIGHTS_FILE, read_lora
 from jobs.config import DeepSpeedSettings, SweepConfig
-from jobs.data import IGNORE, collate, encode_rows, pack
-from jobs.tasks import get_task, load_split
+from jobs.data import IGNORE, Encoded, collate, encode_examples, pack
+from jobs.task_data import load_task
+from jobs.tasks import bundled_task_config
 from jobs.train_loop import PrintHooks, loss_sum, train
 
 
@@ -27,19 +28,23 @@ def _spec(**training):
     return config.trials()[0]
 
 
+def _encoded(tokenizer, task: str, n: int) -> list[Encoded]:
+    """The first n training rows of a bundled task, encoded as the training loops encode them."""
+    examples = load_task(task, bundled_task_config(task)).train[:n]
+    return encode_examples(tokenizer, examples, 1024, "truncate")[0]
+
+
 def test_labels_cover_only_the_completion(tiny_base) -> None:
-    task = get_task("order_extraction")
-    row = load_split("order_extraction", "train")[0]
-    (encoded,) = encode_rows(tiny_base.tokenizer, task, [row], 1024)
+    row = load_task("order_extraction", bundled_task_config("order_extraction")).train[0]
+    (encoded,) = _encoded(tiny_base.tokenizer, "order_extraction", 1)
     trained = [t for t, lab in zip(encoded.input_ids, encoded.labels, strict=True) if lab != IGNORE]
-    assert tiny_base.tokenizer.decode(trained) == row["output"] + "<|im_end|>\n"
+    assert tiny_base.tokenizer.decode(trained) == row.reference + "<|im_end|>\n"
     first = encoded.labels.index(next(lab for lab in encoded.labels if lab != IGNORE))
     assert tiny_base.tokenizer.decode(encoded.input_ids[:first]).endswith("<|im_start|>assistant\n")
 
 
 def test_packed_rows_give_the_same_loss_as_unpacked(tiny_base) -> None:
-    task = get_task("sentiment")
-    examples = encode_rows(tiny_base.tokenizer, task, load_split("sentiment", "train")[:6], 1024)
+    examples = _encoded(tiny_base.tokenizer, "sentiment", 6)
     packed = pack(examples, 1024)
     assert len(packed) < len(examples)
 
@@ -55,8 +60,7 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tiny_base) -> None:
 
 
 def test_loss_on_completion_positions_equals_the_full_logits_loss(tiny_base) -> None:
-    task = get_task("viggo")
-    examples = encode_rows(tiny_base.tokenizer, task, load_split("viggo", "train")[:5], 1024)
+    examples = _encoded(tiny_base.tokenizer, "viggo", 5)
     batch = collate([[e] for e in examples], tiny_base.tokenizer.pad_token_id)
     assert {len(e.input_ids) for e in examples} != {batch["input_ids"].shape[1]}  # rows really are padded
     with torch.no_grad():
@@ -71,9 +75,7 @@ def test_loss_on_completion_positions_equals_the_full_logits_loss(tiny_base) -> 
 
 
 def test_left_padding_does_not_change_a_rows_logits(tiny_base) -> None:
-    task = get_task("sentiment")
-    short, long = sorted(encode_rows(tiny_base.tokenizer, task, load_split("sentiment", "train")[:8], 1024),
-                         key=lambda e: len(e.input_ids))[:: 7]  # fmt: skip
+    short, long = sorted(_encoded(tiny_base.tokenizer, "sentiment", 8), key=lambda e: len(e.input_ids))[::7]
     batch = collate([[short], [long]], tiny_base.tokenizer.pad_token_id)
     with torch.no_grad():
         padded = tiny_base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

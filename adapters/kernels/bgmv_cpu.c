@@ -1,6 +1,7 @@
 /* Batched LoRA for CPU: one call applies shrink + expand for every row of a batch, each row with its own adapter
- * slot (punica's BGMV, written for a CPU core). Built and loaded by adapters/native_lora.py (plain C, no Python or
- * torch headers, so it compiles in about a second); see that file for the layout it reads.
+ * slot (punica's BGMV, written for a CPU core). Built by adapters/kernel_build.py and loaded by
+ * adapters/native_lora.py (plain C, no Python or torch headers, so it compiles in about a second), which checks
+ * lf_abi_version() and lf_layout() (end of this file) before the first call; see bgmv_cpu.h for the layout.
  *
  * For rows t = 0..n-1 (rows[t] = the row of x/y, slots[t] = its adapter slot, sorted so equal slots are adjacent):
  *     h          = x[row] @ At[slot]                    At: [in, R] row-major, R = k * r
@@ -16,6 +17,8 @@
  */
 #include "bgmv_cpu.h"
 
+#include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2 /* distinct slots whose weights are being fetched while one computes */
@@ -150,6 +153,7 @@ void bgmv_rows(const float *x, int64_t x_row_stride, int64_t in_features, const 
     }
 }
 
+#ifdef _OPENMP
 /* Where a thread's share may start: at or after `target`, on a tile boundary of the single-thread tiling (runs are
  * tiled from their first row), so every row is computed exactly as on one thread. */
 static int64_t aligned_start(const int64_t *slots, int64_t n, int64_t target) {
@@ -162,6 +166,7 @@ static int64_t aligned_start(const int64_t *slots, int64_t n, int64_t target) {
     while (run_end < n && slots[run_end] == slots[target]) run_end++;
     return p < run_end ? p : run_end;
 }
+#endif
 
 /* `threads` > 1 (the caller passes PyTorch's thread count) splits the rows into about equal shares, one per
  * thread, when the call has enough work to pay for waking them. Shares start on the one-thread tiling's tile
@@ -201,4 +206,34 @@ int lf_bgmv_f32(const float *x, int64_t x_row_stride, int64_t in_features, const
 int lf_bgmv_f32_call(const lf_call *c) {
     return lf_bgmv_f32(c->x, c->x_row_stride, c->in_features, c->rows, c->slots, c->n, c->a, c->a_slot_stride,
                        c->a_row_stride, c->big_r, c->outputs, c->k, c->r, c->threads);
+}
+
+/* The ABI (bgmv_cpu.h): what adapters/native_lora.py compares with its ctypes mirror before the first call. */
+int64_t lf_abi_version(void) { return LF_ABI_VERSION; }
+
+typedef struct {
+    const char *name;
+    size_t value;
+} abi_entry;
+#define SIZE(T) {#T, sizeof(T)}
+#define FIELD(T, f) {#T "." #f, offsetof(T, f)}
+static const abi_entry ABI[] = {
+    SIZE(lf_output), FIELD(lf_output, y), FIELD(lf_output, y_row_stride), FIELD(lf_output, b),
+    FIELD(lf_output, b_slot_stride), FIELD(lf_output, b_row_stride), FIELD(lf_output, out),
+    SIZE(lf_call), FIELD(lf_call, x), FIELD(lf_call, x_row_stride), FIELD(lf_call, in_features), FIELD(lf_call, rows),
+    FIELD(lf_call, slots), FIELD(lf_call, n), FIELD(lf_call, a), FIELD(lf_call, a_slot_stride),
+    FIELD(lf_call, a_row_stride), FIELD(lf_call, big_r), FIELD(lf_call, k), FIELD(lf_call, r), FIELD(lf_call, threads),
+    FIELD(lf_call, outputs),
+    SIZE(lf_side_call), FIELD(lf_side_call, call), FIELD(lf_side_call, target), FIELD(lf_side_call, target_row_stride),
+    {"MAX_OUTPUTS", MAX_OUTPUTS}, {"MAX_R", MAX_R},
+};
+
+/* "name=value name=value ..." (sizes and offsets in bytes) into buf; returns the length the whole text needs. */
+int64_t lf_layout(char *buf, int64_t size) {
+    int64_t used = 0;
+    for (size_t i = 0; i < sizeof ABI / sizeof ABI[0]; i++) {
+        const int64_t room = used < size ? size - used : 0;
+        used += snprintf(room ? buf + used : NULL, (size_t)room, "%s%s=%zu", i ? " " : "", ABI[i].name, ABI[i].value);
+    }
+    return used;
 }

@@ -7,7 +7,9 @@
  * while the caller runs the base projections. lf_worker_finish then claims whatever units are left, waits for the
  * units in progress, and adds each scratch row to its output row: y = base + delta, the order PEFT adds them in.
  * Claims carry the call's generation, so a worker that wakes late can never take a unit of a later call, and the
- * caller never waits for the worker to wake. Between calls the worker spins for up to SPIN_NS, then sleeps. */
+ * caller never waits for the worker to wake. Between calls the worker spins for up to SPIN_NS, then sleeps.
+ * Every field both threads touch is either atomic or handed over by an acquire/release pair (see lf_worker);
+ * tests/test_native_sanitizers.py runs the race test under ThreadSanitizer. */
 #include "bgmv_cpu.h"
 
 #include <pthread.h>
@@ -16,24 +18,27 @@
 #include <stdlib.h>
 #include <time.h>
 
+#define CLOSED 0xffffffffu /* the claim word's next unit while a call is being set up */
+
 #ifndef SPIN_NS
 #define SPIN_NS 2000000 /* 2 ms: longer than the gap between two calls of a running engine */
 #endif
 
 typedef struct {
-    lf_call call;                /* outputs[j].y = scratch rows for output j */
-    float *target[MAX_OUTPUTS];  /* the real outputs, set before finish */
-    int64_t target_row_stride[MAX_OUTPUTS];
-} lf_side_call;
-
-typedef struct {
     pthread_t thread;
     pthread_mutex_t mutex;
     pthread_cond_t wake;
+    /* The caller writes job, units and n_units only when every unit of the last call is counted in `finished`
+     * (which it reads with acquire), and after closing the claim word (next unit = CLOSED, a new generation), then
+     * publishes them with the claim store that opens the call (release). The worker reads job and units only
+     * after claiming a unit of their generation (acquire). n_units is read before claiming, possibly by a worker
+     * still holding an older claim value while the caller writes it, so it is atomic, and sequentially consistent
+     * with the close: a worker that sees the new n_units also sees the claim closed, and its old claim fails. */
     const lf_call *job;
     int64_t *units;              /* unit u = rows units[u] .. units[u + 1] - 1 of the job */
-    int64_t n_units, capacity;
-    atomic_uint_fast64_t claim;  /* generation << 32 | next unit */
+    _Atomic int64_t n_units;
+    int64_t capacity;            /* (the caller's only) */
+    atomic_uint_fast64_t claim;  /* generation << 32 | next unit (CLOSED while the caller sets a call up) */
     atomic_long finished;        /* units of the current generation computed */
     atomic_long submitted;       /* calls started (wakes the worker) */
     atomic_int stop, sleeping;
@@ -59,14 +64,15 @@ static void work_units(lf_worker *w) {
     for (;;) {
         uint_fast64_t cur = atomic_load_explicit(&w->claim, memory_order_acquire);
         const int64_t u = (int64_t)(cur & 0xffffffffu);
-        if (u >= w->n_units) return;  /* (n_units of a later generation can only make the CAS below fail) */
+        const int64_t n_units = atomic_load(&w->n_units);
+        if (u >= n_units) return;  /* (a closed claim, or all units taken) */
         if (!atomic_compare_exchange_weak_explicit(&w->claim, &cur, cur + 1, memory_order_acq_rel,
                                                    memory_order_acquire))
             continue;
         /* claimed: the caller cannot move on to another call (or change job/units) until this unit is counted */
         const lf_call *c = w->job;
         const int64_t lo = w->units[u], hi = w->units[u + 1];
-        if (u + 1 < w->n_units && c->slots[hi] != c->slots[lo])
+        if (u + 1 < n_units && c->slots[hi] != c->slots[lo])
             prefetch_slot(c->slots[hi], c->a, c->a_slot_stride, c->in_features, c->a_row_stride, c->big_r,
                           c->outputs, c->k, c->r);
         bgmv_rows(c->x, c->x_row_stride, c->in_features, c->rows + lo, c->slots + lo, hi - lo, c->a,
@@ -116,7 +122,8 @@ lf_worker *lf_worker_new(void) {
 /* Compute what is left of the call in flight, wait for the units in progress; the call's status. */
 int lf_worker_wait(lf_worker *w) {
     work_units(w);
-    for (unsigned spins = 0; atomic_load_explicit(&w->finished, memory_order_acquire) < w->n_units; spins++) {
+    const int64_t n_units = atomic_load_explicit(&w->n_units, memory_order_relaxed);  /* (this thread wrote it) */
+    for (unsigned spins = 0; atomic_load_explicit(&w->finished, memory_order_acquire) < n_units; spins++) {
         cpu_relax();
         if ((spins & 4095) == 4095) sched_yield(); /* the worker was descheduled mid-unit: let it run */
     }
@@ -127,11 +134,13 @@ int lf_worker_wait(lf_worker *w) {
  * scratch alive until lf_worker_finish / lf_worker_wait, and must call one of them before the next start. */
 int lf_worker_start(lf_worker *w, const lf_side_call *s) {
     const lf_call *c = &s->call;
-    if (c->big_r > MAX_R || c->k > MAX_OUTPUTS || c->k * c->r > c->big_r || c->n < 0) {
-        w->n_units = 0;
+    if (c->big_r > MAX_R || c->k > MAX_OUTPUTS || c->k * c->r > c->big_r || c->n < 0 || c->n >= (int64_t)CLOSED) {
+        atomic_store(&w->n_units, 0);
         w->status = -1;
         return 0;
     }
+    const uint_fast64_t generation = (atomic_load_explicit(&w->claim, memory_order_relaxed) >> 32) + 1;
+    atomic_store(&w->claim, generation << 32 | CLOSED); /* from here on an older claim value cannot be claimed */
     if (c->n + 1 > w->capacity) {
         int64_t *units = realloc(w->units, (size_t)(c->n + 1) * 2 * sizeof *units);
         if (!units) return -2;
@@ -147,11 +156,12 @@ int lf_worker_start(lf_worker *w, const lf_side_call *s) {
     }
     w->units[n_units] = c->n;
     w->job = c;
-    w->n_units = n_units;
+    atomic_store(&w->n_units, n_units);
     w->status = 0;
     atomic_store_explicit(&w->finished, 0, memory_order_relaxed);
-    const uint_fast64_t generation = (atomic_load(&w->claim) >> 32) + 1;
-    atomic_store(&w->claim, generation << 32); /* publishes job, units, n_units (seq_cst) */
+    /* opens the call: publishes job, units, n_units and finished = 0 to whoever claims one of its units (release;
+     * seq_cst also orders it before the submitted/sleeping handshake below) */
+    atomic_store(&w->claim, generation << 32);
     atomic_fetch_add(&w->submitted, 1);
     if (atomic_load(&w->sleeping)) { /* (the lock orders this signal after the worker's wait began) */
         pthread_mutex_lock(&w->mutex);

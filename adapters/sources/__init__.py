@@ -4,8 +4,12 @@
     fetch(ref)      -> Path                 a local folder with its files (downloaded once, cached)
     list_refs()     -> list[AdapterRef]     what can be served
 
-Backends: `local_catalog.LocalCatalog` (a folder of named adapter folders, for use without MLflow) and
-`mlflow_registry.MlflowRegistry` (the MLflow Model Registry: `name` = alias champion, `name@alias`, `name/3`).
+Backends: `local_catalog.LocalCatalog` (a folder of named adapter folders, for use without MLflow),
+`mlflow_registry.MlflowRegistry` (the MLflow Model Registry: `name` = alias champion, `name@alias`, `name/3`),
+`hf_hub.HubSource` (Hugging Face Hub `org/name[@revision]`, allow-listed repos only) and
+`object_store.ObjectStoreSource` (`s3://`/`gs://` adapter folders directly under allowed prefixes, via fsspec).
+Hub and object-store ids have their own grammars (`hf_hub.parse_hub_id`, `ObjectStoreSource.split`) and are only
+recognised when the serve config enables those backends.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ For use without MLflow, and for registering any PEFT LoRA folder by hand:
     python -m adapters.sources.local_catalog add my-adapter /path/to/peft/folder --root .lorafleet/adapters
     python -m adapters.sources.local_catalog list --root .lorafleet/adapters
 
-`add` copies only the two files (never a pickle) and validates the config. The canonical id includes a hash of
-the files' size and mtime, so replacing an adapter's files makes replicas load the new version.
+`add` copies only the two files (never a pickle) and validates the config, plus the prompt the adapter was
+trained with (`lorafleet_prompt.json`, validated) when there is one. The canonical id includes a hash of the
+files' size and mtime, so replacing an adapter's files makes replicas load the new version.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from adapters.lora_files import CONFIG_FILE, WEIGHTS_FILE, AdapterRejected, quick_check, read_config
+from adapters.prompt_format import PROMPT_FILE, PromptFormatError, read_prompt_format
 from adapters.sources import NAME_RE, AdapterRef, parse_model
 
 
@@ -34,7 +36,7 @@ class LocalCatalog:
 
     def _ref(self, name: str, folder: Path) -> AdapterRef:
         stamp = hashlib.sha256()
-        for file in (CONFIG_FILE, WEIGHTS_FILE):
+        for file in (CONFIG_FILE, WEIGHTS_FILE, PROMPT_FILE):
             path = folder / file
             st = path.stat() if path.exists() else None
             stamp.update(f"{file}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
@@ -72,10 +74,17 @@ class LocalCatalog:
         read_config(src)  # refuses non-LoRA / unsupported configs early
         if not (src / WEIGHTS_FILE).is_file():
             raise AdapterRejected(f"{src} has no {WEIGHTS_FILE} (only safetensors adapters are accepted)")
+        try:
+            prompt = read_prompt_format(src)
+        except PromptFormatError as err:
+            raise AdapterRejected(f"{src}: {err}") from None
         dest = self.root / name
         dest.mkdir(parents=True, exist_ok=True)
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copy2(src / file, dest / file)
+        (dest / PROMPT_FILE).unlink(missing_ok=True)
+        if prompt is not None:
+            prompt.write(dest)
         return self._ref(name, dest)
 
 

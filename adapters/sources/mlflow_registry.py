@@ -1,7 +1,9 @@
 """Adapters in the MLflow Model Registry: one registered model per task, one version per trained adapter.
 
 `name` means the version under alias `champion`; `name@alias` any alias; `name/3` a version number. A version's
-`source` is the artifact folder holding the PEFT files; `fetch` downloads it once into the lorafleet cache.
+`source` is an MLflow pyfunc model folder (adapters/mlflow_pyfunc.py) holding the PEFT files under its
+`artifacts/`, or (versions registered before) the plain adapter folder; `fetch` downloads it once into the lorafleet
+cache and returns the folder with the adapter files.
 Lookups are cached for `ttl_s` seconds, so new registrations are servable within that time without a restart.
 """
 
@@ -84,6 +86,8 @@ class MlflowRegistry:
     def fetch(self, ref: AdapterRef) -> Path:
         import mlflow
 
+        from adapters.mlflow_pyfunc import adapter_files_of
+
         mv = self.client.get_model_version(ref.name, ref.version)
         target = cache_root() / "adapters" / "mlflow" / _safe(self.tracking_uri) / ref.name / str(ref.version)
 
@@ -95,7 +99,9 @@ class MlflowRegistry:
         folder = build_once(target, download)
         inner = [p for p in folder.iterdir() if p.is_dir()]
         # download_artifacts puts a folder artifact inside dst_path under its own name
-        return inner[0] if len(inner) == 1 and not any(p.is_file() for p in folder.iterdir()) else folder
+        if len(inner) == 1 and not any(p.is_file() for p in folder.iterdir()):
+            folder = inner[0]
+        return adapter_files_of(folder)  # a pyfunc model folder keeps the adapter files under artifacts/
 
     def list_refs(self) -> list[AdapterRef]:
         from mlflow.exceptions import MlflowException

@@ -8,6 +8,10 @@ are committed as `jobs/tasks/data/<task>/{train,eval}.jsonl`, rows of {"id", "in
     rows = load_split("sentiment", "eval")
     messages = task.messages(rows[0])             # chat messages: system instruction + user input
     task.score(prediction, rows[0]["output"])     # float in [0, 1]
+    bundled_task_config("sentiment")             # the same task as a TaskConfig: how a sweep trains and scores it
+
+A sweep treats a bundled task as an ordinary task config (`tasks: {sentiment: bundled}`): its committed files,
+format input_output, its instruction as system prompt and its metric — the same code path as a user's task.
 
 Regenerate the data with `python -m jobs.tasks.generate` (add `--check` to only verify the committed files).
 """
@@ -22,10 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from jobs import metrics
 from jobs.tasks import date_normalisation, order_extraction, sentiment, text_to_sql, viggo, word_math
+
+if TYPE_CHECKING:
+    from jobs.task_config import TaskConfig
 
 MetricName = Literal["exact_match", "json_f1", "rouge_l"]
 Split = Literal["train", "eval"]
@@ -86,6 +93,20 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in map(_task, (sentiment, order_extraction, word_math, text_to_sql, viggo, date_normalisation))
 }
+
+
+# The bundled tasks' metric names in the task-config vocabulary (jobs/task_config.py).
+_CONFIG_METRIC = {"exact_match": "exact_match", "json_f1": "json_fields", "rouge_l": "rouge_l"}
+
+
+def bundled_task_config(name: str) -> TaskConfig:
+    """A bundled task as the TaskConfig a user would write for it."""
+    from jobs.task_config import TaskConfig
+
+    task = get_task(name)
+    return TaskConfig(train=str(split_path(name, "train")), eval=str(split_path(name, "eval")),
+                      format="input_output", instruction=task.instruction,
+                      metric={"name": _CONFIG_METRIC[task.metric]})  # fmt: skip
 
 
 def get_task(name: str) -> Task:

@@ -29,8 +29,10 @@ class EngineConfig(BaseModel):
     )
     lora_kernel: Literal["auto", "native", "gather", "grouped", "triton"] = Field(
         "auto",
-        description="mixed-adapter LoRA path (adapters/batched_lora.py): auto = the native C kernel on CPU float32 "
-        "when it builds, else gather/grouped by size; native requires the kernel; triton = auto",
+        description="mixed-adapter LoRA path (adapters/batched_lora.py): auto = the Triton SGMV/BGMV kernels for "
+        "mixed batches on CUDA when triton imports, the native C kernel on CPU float32 when it builds, else "
+        "gather/grouped by size; native requires the C kernel; triton requires CUDA and the triton extra (on CPU: "
+        "only under TRITON_INTERPRET=1, for tests)",
     )
     lora_overlap: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from adapters import native_lora
+from adapters import native_lora, triton_runtime
 from adapters.base_models import LoadedBase, QuantizationConfig, load_base, torch_dtype
 from adapters.batched_lora import LoraBatch
 from adapters.lora_files import BaseShapes, LoraWeights, read_lora
 from adapters.slot_bank import LoraSlotBank
-from serve_app.engine import lora_overlap
+from serve_app.engine import logprobs, lora_overlap
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.constraints import GrammarError, Grammars
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.model_runner import ModelRunner
@@ -81,15 +82,20 @@ class LoraEngine:
         self.kv = KVCache(mc.num_hidden_layers, config.max_running, mc.num_key_value_heads, self.max_seq_len,
                           head_dim, dtype, self.device)  # fmt: skip
         self.bank = LoraSlotBank(self.shapes, config.max_loras, config.max_lora_rank, dtype, self.device)
-        self.lora_kernel = "auto" if config.lora_kernel == "triton" else config.lora_kernel
-        if self.lora_kernel == "native":
+        self.lora_kernel = config.lora_kernel
+        if self.lora_kernel == "triton":  # CUDA, or CPU under the Triton interpreter (tests); else a clear error
+            triton_runtime.require(self.device)
+        elif self.lora_kernel == "auto" and self.device.type == "cuda":
+            triton_runtime.auto_picks(self.device)  # import triton now (auto uses it on CUDA), not in a request
+        elif self.lora_kernel == "native":
             native_lora.require(self.device, dtype)
         elif self.lora_kernel == "auto" and self.device.type == "cpu" and dtype == torch.float32:
             native_lora.available()  # build the CPU kernel now (about a second, cached), not in a request
         self.runner = ModelRunner(model, self.kv, self.bank)
         native = self.lora_kernel in ("auto", "native") and self.device.type == "cpu" and dtype == torch.float32
-        self.runner.side = lora_overlap.choose(config.lora_overlap, native, self.runner, config.max_running,
-                                               config.max_loras, config.prefill_chunk, self.lora_kernel)  # fmt: skip
+        self.overlap = lora_overlap.choose(config.lora_overlap, native, self.runner, config.max_running,
+                                            config.max_loras, config.prefill_chunk, self.lora_kernel)  # fmt: skip
+        self.runner.side = self.overlap.worker  # its threads: scoped to each step (see step)
         self.scheduler = Scheduler(config.max_loras, config.starvation_s)
         self.adapters: dict[str, LoraWeights] = {}
         self._unregister_when_idle: set[str] = set()
@@ -100,6 +106,7 @@ class LoraEngine:
         self._single_plans: dict[int, LoraBatch] = {}  # slot -> plan for rows that all use it (views only)
         self._bank_version = 0
         self.eos_ids = self._eos_ids()
+        self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)  # JSON output
         self.steps = 0
         self.generated_tokens = 0
 
@@ -168,12 +175,19 @@ class LoraEngine:
             )
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.runner.vocab_size:
             raise RequestRejected("prompt holds token ids outside the vocabulary", 400, "prompt")
+        if params.logit_bias and max(i for i, _ in params.logit_bias) >= self.runner.vocab_size:
+            raise RequestRejected("logit_bias holds token ids outside the vocabulary", 400, "logit_bias")
         if adapter_id is not None and adapter_id not in self.adapters:
             raise RequestRejected(f"adapter {adapter_id} is not loaded", 404, "model")
         if self.scheduler.waiting_count >= self.config.max_queue:
             raise RequestRejected(f"the queue is full ({self.config.max_queue} waiting requests)", 429)
         seq = Sequence(request_id, list(prompt_ids), params, adapter_id,
                        IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop))  # fmt: skip
+        if params.json_schema is not None:
+            try:
+                seq.constraint = self.grammars.matcher(params.json_schema)
+            except GrammarError as err:
+                raise RequestRejected(str(err), 400, "response_format") from None
         self._by_id[request_id] = seq
         self.scheduler.add(seq)
 
@@ -205,6 +219,11 @@ class LoraEngine:
     def has_work(self) -> bool:
         return bool(self._by_id)
 
+    def close(self) -> None:
+        """Stop the LoRA side thread, if any; the engine still works afterwards (LoRA in place). Idempotent."""
+        self.runner.side = None
+        self.overlap.close()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             running=sum(s is not None for s in self._slots),
@@ -219,7 +238,13 @@ class LoraEngine:
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[TokenOutput]:
-        outputs: list[TokenOutput] = []
+        with self.overlap.threads():  # PyTorch's thread count for the engine's own work only (lora_overlap)
+            return self._step()
+
+    def _step(self) -> list[TokenOutput]:
+        now = time.monotonic()  # requests past their deadline end first, freeing their slots
+        overdue = [s for s in self._by_id.values() if s.overdue(now)]
+        outputs = [TokenOutput.expired(s) for s in overdue if self.abort(s.request_id)]
         self._admit()
         finished: list[Sequence] = []
         budget = self.config.prefill_chunk  # prompt tokens per step, shared by the oldest prefilling sequences
@@ -266,7 +291,9 @@ class LoraEngine:
         """Prefill up to `budget` more prompt tokens of `seq`; return how many were processed."""
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
         tokens = torch.tensor(chunk, device=self.device)
-        logits = self.runner.prefill(seq.kv_slot, tokens, seq.prefilled, self._lora_for((seq.lora_slot,)))
+        want_all = seq.params.prompt_logprobs is not None
+        logits = self.runner.prefill(seq.kv_slot, tokens, seq.prefilled, self._lora_for((seq.lora_slot,)), want_all)
+        logits = logprobs.note_prompt(seq, logits, seq.prefilled) if want_all else logits
         seq.prefilled += len(chunk)
         if not bool(torch.isfinite(logits).all()):
             self._fail_poisoned(seq, outputs, finished)
@@ -312,7 +339,8 @@ class LoraEngine:
         """Record one sampled token; return True if the sequence finished."""
         self.generated_tokens += 1
         reason = None
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        eos = token in self.eos_ids and not seq.params.ignore_eos
+        if eos:
             reason = "stop"
             text = ""
         else:
@@ -324,8 +352,7 @@ class LoraEngine:
                 reason = "length"
         if reason:
             text += seq.detokenizer.flush()
-        out = TokenOutput(seq.request_id, token, text, reason is not None, reason, len(seq.prompt_ids),
-                          len(seq.output_ids))  # fmt: skip
+        out = TokenOutput.for_token(seq, token, text, reason, eos)
         outputs.append(out)
         if reason:
             self._finish(seq, reason)

@@ -14,15 +14,21 @@ overlap hides; the rest is Python around each call). Both ways give the same bit
 order), so the choice changes speed only. The answer is cached per process by model shape, batch, chunk and
 thread count (tests build many engines of one model). `on` / `off` skip it.
 
+The thread count is scoped to the engine's own work: `Overlap.threads()` lowers PyTorch's count for one engine step
+and restores the caller's after it (about 0.2 us a pair), so a training worker that builds an engine for a quick
+eval keeps all its threads for training; `Overlap.close()` (`LoraEngine.close()`) stops the worker thread.
+
     python -m serve_app.engine --base tiny-llama --prompt hi      # logs the choice (INFO)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -42,18 +48,47 @@ SETTLE_S = 0.005  # before a block: PyTorch's OpenMP pool stops spinning after t
 _decisions: dict[tuple, bool] = {}
 
 
+@dataclass
+class Overlap:
+    """An engine's side worker (None: LoRA in place) and PyTorch's thread count during its steps (None: the
+    caller's count, untouched)."""
+
+    worker: SideWorker | None = None
+    torch_threads: int | None = None
+
+    @contextlib.contextmanager
+    def threads(self) -> Iterator[None]:
+        """PyTorch's thread count set for the engine's work inside, the caller's restored after it."""
+        want, before = self.torch_threads, torch.get_num_threads()
+        if want is None or want == before:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def close(self) -> None:
+        """Stop the worker thread (idempotent). The engine runs LoRA in place afterwards."""
+        if self.worker is not None:
+            self.worker.close()
+        self.worker, self.torch_threads = None, None
+
+
 def choose(mode: str, native: bool, runner: ModelRunner, rows: int, adapters: int, chunk: int,
-           kernel: str) -> SideWorker | None:  # fmt: skip
-    """The side worker for an engine whose `runner` is built (with no side worker), or None. `native`: the engine
-    runs CPU float32 on the native kernel (`kernel` auto or native). May lower PyTorch's thread count by one."""
+           kernel: str) -> Overlap:  # fmt: skip
+    """The side worker for an engine whose `runner` is built (with no side worker), if any, and the thread count
+    for the engine's steps (one fewer than now when `auto` gives the side thread a core). `native`: the engine
+    runs CPU float32 on the native kernel (`kernel` auto or native). Leaves PyTorch's thread count as it was."""
     if mode == "on" and not (native and native_lora.available()):
         reason = native_lora.unavailable_reason() or "it needs CPU float32 and lora_kernel auto or native"
         raise ValueError(f"engine.lora_overlap 'on': {reason}")
     threads = torch.get_num_threads()
     if mode == "off" or not native or (mode == "auto" and threads < 2) or not native_lora.available():
-        return None
+        return Overlap()
     if mode == "on":
-        return SideWorker()  # PyTorch's threads left as the user set them
+        return Overlap(SideWorker())  # PyTorch's threads left as the user set them
     config = runner.model.config
     rows, chunk = min(rows, PROBE_ROWS), min(chunk, PROBE_CHUNK)
     adapters = min(adapters, rows)
@@ -62,9 +97,8 @@ def choose(mode: str, native: bool, runner: ModelRunner, rows: int, adapters: in
     if key not in _decisions:
         _decisions[key] = _measure(runner, rows, adapters, chunk, kernel, threads)
     if not _decisions[key]:
-        return None
-    torch.set_num_threads(threads - 1)
-    return SideWorker()
+        return Overlap()
+    return Overlap(SideWorker(), threads - 1)
 
 
 def _measure(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: str, threads: int) -> bool:

@@ -130,8 +130,11 @@ class ModelRunner:
 
     # -- prefill: one chunk of one prompt into one KV slot ---------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: torch.Tensor, start: int, lora: LoraBatch | None) -> torch.Tensor:
-        """tokens [C] at positions start..start+C-1 -> logits [V] of the last token."""
+    def prefill(
+        self, slot: int, tokens: torch.Tensor, start: int, lora: LoraBatch | None, all_logits: bool = False
+    ) -> torch.Tensor:
+        """tokens [C] at positions start..start+C-1 -> logits [V] of the last token ([C, V], every position's,
+        with `all_logits`: for prompt logprobs)."""
         count = tokens.shape[0]
         end = start + count
         positions = torch.arange(start, end, device=tokens.device)
@@ -153,4 +156,4 @@ class ModelRunner:
         self._side_rows = lora.side_rows(count) if self.side is not None and lora is not None else None
         for index in range(len(self.layers)):
             h = self._layer(index, h, cos_sin, attend, lora)
-        return self._logits(h[-1:])[0]
+        return self._logits(h) if all_logits else self._logits(h[-1:])[0]

@@ -1,0 +1,1 @@
+"""Example user tasks (data only): see jobs/user_tasks/generate.py."""
