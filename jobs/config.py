@@ -294,9 +294,20 @@ class TrialSpec(_Strict):
             training = training.model_copy(update=default_length(bundled))
         return cls(sweep=config.name, task=task, adapter_name=name, point=point, point_id=point_id,
                    base_model=config.base_model, quantization=config.quantization, lora=config.lora,
-                   training=training, evaluation=config.evaluation, task_config=config.task_configs()[task],
+                   training=training, evaluation=config.evaluation, task_config=_portable(config, task),
                    bundled=bundled, deepspeed=config.deepspeed,
                    registered_model=f"{config.mlflow.registry_prefix}{task}")  # fmt: skip
+
+
+def _portable(config: SweepConfig, task: str) -> TaskConfig:
+    """The task config a trial carries: a bundled task's files named relative to the package root (they are package
+    data, found again on whichever node trains it: jobs.task_runtime.task_config_of), so the trial's params do not
+    depend on where the driver's copy of the code lives."""
+    resolved = config.task_configs()[task]
+    if config.tasks[task] != "bundled":
+        return resolved
+    root = Path(__file__).resolve().parents[1]
+    return resolved.model_copy(update={k: str(Path(getattr(resolved, k)).relative_to(root)) for k in ("train", "eval")})
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
