@@ -186,7 +186,7 @@ def test_chat_with_adapter_and_base_equals_the_plain_engine(url, expected) -> No
                 assert response.status_code == 200, response.text
                 body, want = response.json(), expected[(model, prompt)]
                 assert body["object"] == "chat.completion" and body["model"] == model
-                assert body["choices"][0]["message"] == {"role": "assistant", "content": want["text"]}
+                assert body["choices"][0]["message"] == {"role": "assistant", "content": want["text"], "refusal": None}
                 assert body["choices"][0]["finish_reason"] == want["finish_reason"]
                 assert body["usage"]["completion_tokens"] == want["completion_tokens"]
                 assert body["usage"]["prompt_tokens"] == want["prompt_tokens"]
