@@ -33,7 +33,7 @@ class RayHooks:
     step and the time it was measured, and a sender thread delivers the queue in order, retrying while MLflow is
     unreachable (a batch re-sent after a lost reply carries the same timestamp and is deduplicated by the server).
     The run's last log call (its final step) waits until the queue is delivered, for up to
-    `jobs.tracking.retry_seconds()`, and names any steps it had to give up on. `close()` does the same wait."""
+    `jobs.mlflow_retry.retry_seconds()`, and names any steps it had to give up on. `close()` does the same wait."""
 
     def __init__(self, spec: TrialSpec, run_id: str, tracking_uri: str, experiment: str, rank: int) -> None:
         self.spec, self.rank = spec, rank
@@ -66,7 +66,7 @@ class RayHooks:
         False, after saying which steps are missing, if MLflow did not take them in time."""
         if self.rank != 0:
             return True
-        from jobs.tracking import retry_seconds
+        from jobs.mlflow_retry import retry_seconds
 
         budget = retry_seconds() if timeout is None else timeout
         deadline = time.monotonic() + budget
@@ -93,7 +93,7 @@ class RayHooks:
         return t.epochs is not None and metrics.get("epoch", 0.0) >= t.epochs
 
     def _send_forever(self) -> None:
-        from jobs.tracking import TrackingUnavailable, is_transient
+        from jobs.mlflow_retry import TrackingUnavailable, is_transient
 
         assert self._tracker is not None
         while True:

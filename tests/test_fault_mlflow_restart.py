@@ -37,15 +37,8 @@ from cluster import mlflow_server
 from cluster.processes import ProcessRecord, find_process, stop_tree, tree_members, wait_until
 from cluster.stack_state import StackInfo
 from jobs.config import SweepConfig, TrialSpec, load_config
-from jobs.tracking import (
-    TAG_ADAPTER,
-    TAG_DONE,
-    TAG_VERSION,
-    SweepTracker,
-    TrackingUnavailable,
-    call_with_retry,
-    flatten,
-)
+from jobs.mlflow_retry import TrackingUnavailable, call_with_retry
+from jobs.tracking import TAG_ADAPTER, TAG_DONE, TAG_VERSION, SweepTracker, flatten
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")

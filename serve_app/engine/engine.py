@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,32 +29,12 @@ from serve_app.engine.constraints import GrammarError, Grammars
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.model_runner import ModelRunner
+from serve_app.engine.outcomes import EngineStats, RequestRejected
 from serve_app.engine.sampler import sample
 from serve_app.engine.scheduler import Scheduler
 from serve_app.engine.sequence import SamplingParams, Sequence, State, TokenOutput
 
 log = logging.getLogger(__name__)
-
-
-class RequestRejected(ValueError):
-    """A request the engine will not run. `status` is the HTTP status a front end should answer with."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    resident_adapters: list[str]
-    registered_adapters: int
-    adapter_loads: int
-    adapter_evictions: int
-    steps: int
-    generated_tokens: int
 
 
 def resolve_device(name: str) -> torch.device:
