@@ -71,16 +71,18 @@ class LoraBatch:
     `idx` holds one slot per row (0 = no adapter). Build one per composition of rows and reuse it while the rows
     do not change: gathered weights and scatter buffers are cached on the plan. `storage` is the slot bank's
     [S, F] buffer when the weights are views of it (one gather for all layers; also sizes `auto`'s choice).
+    `slots`: idx as a host list, if the caller has it (saves a device-to-host copy of idx on CUDA).
     `previous`: the plan this one replaces, if no slot's contents changed since it was built; a gather then takes
     over its buffer and copies only the rows whose slot changed (`previous` is released: do not use it again).
     A `single` plan applies to any number of rows (it only needs the slot), so callers may keep one per slot.
     """
 
     def __init__(self, idx: torch.Tensor, storage: torch.Tensor | None = None, kernel: Kernel | str = "auto",
-                 cache_gathers: bool = True, previous: LoraBatch | None = None) -> None:  # fmt: skip
+                 cache_gathers: bool = True, previous: LoraBatch | None = None,
+                 slots: list[int] | None = None) -> None:  # fmt: skip
         self.idx = idx
         self.rows = int(idx.shape[0])
-        slots = idx.tolist()
+        slots = idx.tolist() if slots is None else list(slots)  # (the caller's copy of idx: no device sync)
         self._slot_list: list[int] = slots
         counts = Counter(slots)
         present = sorted(counts)
@@ -132,7 +134,8 @@ class LoraBatch:
     def _fallback(self) -> LoraBatch:
         """native mode: the PyTorch plan for the same rows (tensors the kernel cannot take; autograd)."""
         if self._fallback_plan is None:
-            self._fallback_plan = LoraBatch(self.idx, self._storage, self._torch_mode, self._cache_gathers)
+            self._fallback_plan = LoraBatch(self.idx, self._storage, self._torch_mode, self._cache_gathers,
+                                            slots=self._slot_list)  # fmt: skip
         return self._fallback_plan
 
     def _slot_t(self, weights: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,10 @@ def export(
         str | None, typer.Argument(help="task, task@alias, task/N, or a catalog entry; omit: the base alone (gguf)")
     ] = None,
     quant: Annotated[
-        str | None, typer.Option(help="gguf: f32 | f16 | q8_0 | q4_0 (default f16); gguf-lora: f32 | f16 | q8_0")
+        str | None,
+        typer.Option(
+            help="gguf: f32 | f16 | q8_0 | q4_0 | q4_k_m (default f16); gguf-lora: f32 | f16 | q8_0",
+        ),
     ] = None,
     base: Annotated[str, typer.Option(help="The base model the endpoint serves.")] = "smollm2-135m",
     catalog: Annotated[Path, typer.Option(help="Local adapter catalog folder.")] = Path(".lorafleet/adapters"),

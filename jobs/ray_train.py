@@ -2,6 +2,14 @@
 `fit_adapter` builds and fits that TorchTrainer (DDP over N workers, gloo on CPU / nccl on GPU, checkpoints in
 the run's storage, `FailureConfig(max_failures)` resuming from the latest checkpoint). The training itself is
 `jobs.train_loop.train`, plain Python.
+
+Where a restart's checkpoint comes from (Ray 2.60, Train V2): the TorchTrainer's controller records each reported
+checkpoint in `<storage_path>/<name>/checkpoint_manager_snapshot.json` when it next polls the workers (every
+`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s). A worker group restarted by that controller gets the latest recorded one;
+so does a new TorchTrainer of the same `name` in the same storage (a Tune retry of the trial after its actor was lost
+with its node, or a resubmitted sweep): its controller loads the snapshot, and `ray.train.get_checkpoint()` returns
+it. No Tune-level checkpoint is needed. A checkpoint written to storage but not yet recorded when its node dies is
+not resumed from; the one before it is.
 """
 
 from __future__ import annotations

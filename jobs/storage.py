@@ -5,6 +5,9 @@
   worker (each Ray process has its own working directory, a per-trial copy even on one machine).
 - `storage_filesystem`: the filesystem a URI goes through — pyarrow's own (`s3://`, `gs://`, `hdfs://`, `file://`)
   or, for other schemes, an fsspec implementation wrapped for pyarrow, the way Ray Train opens `storage_path`.
+  An S3-compatible store (MinIO, ...) is reached through the standard AWS settings in every node's environment:
+  `AWS_ENDPOINT_URL` + `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (pyarrow >= 15, boto3 and s3fs read them), or
+  per URI `s3://bucket/runs?endpoint_override=host:port&scheme=http` (tests/test_s3_store.py: a real S3 server).
 - `check_shared_storage`: on a cluster with more than one alive node, a local path must be one every node sees
   (a shared filesystem): a marker file written by the driver must be visible from a task on each node. A relative
   path is refused outright there; so is a path some node does not see. Either error names `storage_path`.

@@ -3,7 +3,8 @@
     python -m jobs.train_loop --config jobs/configs/cpu-smollm2.yaml --task sentiment --out /tmp/sentiment
 
 Each optimizer step accumulates `grad_accum` micro-batches and normalises the loss by the number of completion
-tokens in the step. Every `log_every` steps it reports loss / lr / tokens per second / memory through `hooks.log`;
+tokens in the step, counted over all DDP ranks (N workers step like one accumulating the same rows). Every
+`log_every` steps it reports loss / lr / tokens per second / memory through `hooks.log`;
 every `eval_every` steps a quick eval (eval loss and the task metric on a few eval rows, decoded by the serving
 engine); every `checkpoint_every` steps a checkpoint through `hooks.checkpoint`. A run given a checkpoint resumes
 at its step with the same data order. At the end the adapter is written in the served format and the base model
@@ -148,11 +149,14 @@ def train(
             micro.append(batches.at(micro_index))
             micro_index += 1
         targets = sum(sum(lb != -100 for lb in ex.labels) for mb in micro for row in mb for ex in row)
+        # DDP/DeepSpeed average the ranks' gradients: scale by world / (tokens of the whole step, all ranks), so
+        # N workers take the same step as one worker accumulating the same rows
+        step_targets = _step_tokens(targets, world, device)
         for mb in micro:
             batch = to_device(collate(mb, pad_id, compute_dtype), device, compute_dtype)
             with setup.forward_context():  # bf16 autocast on CUDA (jobs/precision.py), nothing on CPU
                 summed, count = loss_sum(forward_model, batch)
-            loss = summed / max(targets, 1)
+            loss = summed * world / max(step_targets, 1)
             if ds is not None:  # DeepSpeed steps per micro-batch and applies the update at the accumulation boundary
                 ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole window
                 ds.step()
@@ -244,6 +248,15 @@ def eval_loss(model: Any, tokenizer: Any, task: PreparedTask, pad_id: int, batch
         total, count = total + float(summed), count + n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _step_tokens(targets: int, world: int, device: str) -> int:
+    """The completion tokens of this optimizer step summed over all ranks."""
+    if world == 1:
+        return targets
+    count = torch.tensor([targets], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count)
+    return int(count.item())
 
 
 def _agreed(stop: bool, world: int, device: str) -> bool:

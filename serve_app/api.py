@@ -1,6 +1,7 @@
 """The HTTP API as a FastAPI app over a `Backend` (in-process, or a Ray Serve handle): OpenAI-compatible
 /v1/chat/completions, /v1/completions, /v1/models; LoRAX-compatible `/`, /generate, /generate_stream
-(serve_app/lorax_api.py); /health. The OpenAPI document lists every status and content type each route answers.
+(serve_app/lorax_api.py); vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serve_app/dynamic_adapters.py);
+/health. The OpenAPI document lists every status and content type each route answers.
 
 `create_api(backend, registry, base_name, config)` builds it. A request's `model` (or LoRAX `adapter_id`) is
 resolved through the adapter registry to a canonical adapter id before anything runs: unknown -> 404, another
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from adapters.registry import AdapterRegistry
 from adapters.sources import RegistryUnavailable
-from serve_app import lorax_api
+from serve_app import dynamic_adapters, lorax_api
 from serve_app import openai_format as fmt
 from serve_app.api_docs import ChatCompletion, Health, ModelList, TextCompletion, responses
 from serve_app.api_schemas import ChatCompletionRequest, CompletionRequest
@@ -134,7 +135,8 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
     app = FastAPI(title="lorafleet", description="Many LoRA adapters, one endpoint.", version="0.1.0")
     install_error_handlers(app)
     app.add_middleware(_Limits, max_bytes=config.max_request_bytes, api_key=os.environ.get(config.api_key_env))
-    gen = Generations(backend, registry, {base_name, config.base_model})
+    runtime = dynamic_adapters.DynamicAdapters(registry, {base_name, config.base_model})  # + runtime-loaded names
+    gen = Generations(backend, runtime, {base_name, config.base_model})
 
     async def _openai(body: ChatCompletionRequest | CompletionRequest, chat: bool) -> Any:
         """Chat and completions alike: one generation per (prompt, choice), answered whole or streamed."""
@@ -177,7 +179,7 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
             cards += [
                 fmt.model_card(n, base_name, base_name, {"adapter_id": ref.id, "source": ref.source}) for n in names
             ]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards + runtime.cards(base_name)}
 
     @app.post("/v1/chat/completions", response_model=None,
               responses=responses(*GENERATE_ERRORS, stream=True, model=ChatCompletion))  # fmt: skip
@@ -190,4 +192,5 @@ def create_api(backend: Backend, registry: AdapterRegistry, base_name: str, conf
         return await _openai(body, chat=False)
 
     lorax_api.add_routes(app, gen, base_name, GENERATE_ERRORS)
+    dynamic_adapters.add_routes(app, runtime, backend, config.allow_runtime_lora_updating)
     return app

@@ -7,7 +7,8 @@
 multiplexed model id, so Serve routes it preferentially to a replica that already holds the adapter. Each
 `LoraModel` replica holds one base model and up to `adapters_per_replica` adapters (Serve's multiplex LRU; an
 evicted adapter is unregistered from the engine), and batches every request it gets, whatever its adapter, in one
-engine (see serve_app/engine).
+engine (see serve_app/engine). Adapter names added at run time (POST /v1/load_lora_adapter) are kept by the
+Ingress, where all name resolution happens (serve_app/dynamic_adapters.py), so every model replica serves them.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ class LoraModel:
         async for event in self.service.generate(payload, adapter_id):
             yield event
 
+    async def check_adapter(self, adapter_id: str) -> dict[str, Any] | None:
+        """Load an adapter now (POST /v1/load_lora_adapter validates with it): None, or the error event."""
+        try:
+            await self._multiplexed(adapter_id)  # into Serve's LRU, like a request's load
+        except Exception:
+            pass  # the service reports the reason below
+        return await self.service.try_load(adapter_id)
+
     def info(self) -> dict[str, Any]:
         return self.service.info()
 
@@ -132,6 +141,11 @@ class _RayBackend:
                     yield {"type": "error", "status": 503, "param": None, "code": REPLICA_GONE,
                            "message": "the model replica serving this request stopped; retry the request"}  # fmt: skip
                     return
+
+    async def check_adapter(self, adapter_id: str) -> dict[str, Any] | None:
+        """Have a model replica load (and so validate) an adapter: None, or its error event."""
+        options = {"multiplexed_model_id": adapter_id}
+        return await self.handle.options(**options).check_adapter.remote(adapter_id)
 
 
 @serve.deployment(max_ongoing_requests=512)

@@ -32,6 +32,11 @@ class ServeAppConfig(BaseModel):
     adapter_store_prefixes: list[str] = Field(
         [], description="object-store folders whose sub-folders are adapters (s3://bucket/lora/, gs://..., file://...)"
     )
+    allow_runtime_lora_updating: bool = Field(
+        False,
+        description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter may add and remove adapter names "
+        "at run time (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); false: they answer 404",
+    )
     registry_ttl_s: float = Field(5.0, ge=0, description="how long a name -> version lookup is cached")
     default_max_tokens: int = Field(256, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")

@@ -91,7 +91,7 @@ class ModelService:
             self.metrics.adapter_event(adapter_id, "load")
             log.info("loaded adapter %s from %s", adapter_id, folder)
 
-    async def _try_load(self, adapter_id: str) -> dict[str, Any] | None:
+    async def try_load(self, adapter_id: str) -> dict[str, Any] | None:
         """Load an adapter; on failure, the error event for the request."""
         try:
             await self.load_adapter(adapter_id)
@@ -127,7 +127,7 @@ class ModelService:
         prompt_ids: list[int] | None = None
         for attempt in range(3):
             if adapter_id:
-                failure = await self._try_load(adapter_id)
+                failure = await self.try_load(adapter_id)
                 if failure:
                     self.metrics.request(label, str(failure["status"]))
                     yield failure
@@ -174,12 +174,20 @@ class LocalBackend:
         self.max_adapters = max_adapters
         self._lru: OrderedDict[str, None] = OrderedDict()
 
+    def _use(self, adapter_id: str) -> None:
+        self._lru[adapter_id] = None
+        self._lru.move_to_end(adapter_id)
+        while len(self._lru) > self.max_adapters:
+            victim, _ = self._lru.popitem(last=False)
+            self.service.unload_adapter(victim)
+
     async def stream(self, payload: dict[str, Any], adapter_id: str | None) -> AsyncIterator[dict[str, Any]]:
         if adapter_id:
-            self._lru[adapter_id] = None
-            self._lru.move_to_end(adapter_id)
-            while len(self._lru) > self.max_adapters:
-                victim, _ = self._lru.popitem(last=False)
-                self.service.unload_adapter(victim)
+            self._use(adapter_id)
         async for event in self.service.generate(payload, adapter_id):
             yield event
+
+    async def check_adapter(self, adapter_id: str) -> dict[str, Any] | None:
+        """Load an adapter now, as a request for it would (POST /v1/load_lora_adapter): None, or the error event."""
+        self._use(adapter_id)
+        return await self.service.try_load(adapter_id)

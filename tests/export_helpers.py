@@ -29,6 +29,3 @@ def engine_greedy(base, adapter_dir: Path | None, prompts: list[list[int]], n: i
                 tokens[int(out.request_id)].append(out.token_id)
     engine.close()
     return [tokens[i] for i in range(len(prompts))]
-
-
-PROMPTS = ["hello world", "The quick brown fox", "<|im_start|>user\nsum 2+2<|im_end|>\n<|im_start|>assistant\n"]

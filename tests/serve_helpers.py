@@ -123,3 +123,20 @@ def replica_details(stack: StackInfo, app: str, deployment: str) -> list[dict[st
     """The replicas of one deployment as `serve status` reports them (replica_id, state, pid, actor_name, ...)."""
     details = ((serve_status(stack).get("applications") or {}).get(app) or {}).get("deployments") or {}
     return list((details.get(deployment) or {}).get("replicas", []))
+
+
+def register_adapter(mlflow_url: str, experiment: str, name: str, folder: Path) -> str:
+    """Log `folder` as a run's `adapter` artifact, register it as model `name` (base tiny-llama) with alias
+    champion; the version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=name)
+    client.log_artifacts(run.info.run_id, str(folder), "adapter")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id,
+                                          tags={"base_model": "tiny-llama"}).version  # fmt: skip
+    client.set_registered_model_alias(name, "champion", version)
+    return str(version)

@@ -1,6 +1,6 @@
-"""Object-storage adapter source (issue 18 item 2) through fsspec. No S3-compatible server is installed here, so the
-tests run the same code path on fsspec's local filesystem (`file://` prefixes standing in for `s3://bucket/...`;
-`s3fs`/`gcsfs` implement the same fsspec calls: info, exists, size, get_file, ls). Checks the allowed-prefix rule
+"""Object-storage adapter source (issue 18 item 2) through fsspec, on fsspec's local filesystem (`file://` prefixes,
+a mounted share; fast, no server). The same source against a real S3-compatible server (moto) through s3fs, served
+over HTTP token for token like the catalog copy, is tests/test_s3_store.py. Checks the allowed-prefix rule
 (one adapter folder directly under a prefix, never another path or URL), the safety rules (safetensors only, size
 limit) and the registry's resolve -> fetch path, with a new version when the weights change.
 

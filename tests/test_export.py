@@ -45,11 +45,45 @@ def _edit_config(folder: Path, **changes: object) -> None:
 # --- refusals ---------------------------------------------------------------------------------------------------
 
 
-def test_dora_refused(catalog: Path, tmp_path: Path) -> None:
-    _edit_config(catalog / "good", use_dora=True)
-    with pytest.raises(ExportRefused, match="DoRA"):
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, r"modules_to_save \['lm_head'\] cannot")],
+)
+def test_dora_and_modules_to_save_refused(catalog: Path, tmp_path: Path, change: dict, reason: str) -> None:
+    _edit_config(catalog / "good", **change)
+    with pytest.raises(ExportRefused, match=reason):
         _export(catalog, "good", "gguf-lora", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "quant", "supported"),
+    [("gguf", "q5_k", "f32, f16, q8_0, q4_0, q4_k_m"), ("gguf-lora", "q4_k_m", "f32, f16, q8_0")],
+)
+def test_unsupported_quant_refused_naming_the_choices(catalog: Path, tmp_path: Path, fmt, quant, supported) -> None:
+    with pytest.raises(ExportRefused, match=rf"--quant {quant} is not supported for {fmt} \(supported: {supported}\)"):
+        _export(catalog, "good", fmt, tmp_path / "out", quant=quant)
+    with pytest.raises(ExportRefused, match=f"--quant {quant} is not supported"):  # the base alone too
+        export(None, fmt, tmp_path / "out", quant=quant, base="tiny-llama")
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog"]
+
+
+def test_q4_k_m_without_llama_cpp_refused_leaving_nothing(catalog: Path, tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the `export` extra were not installed
+    with pytest.raises(ExportRefused, match=r"llama.cpp's own quantizer: install the `export` extra"):
+        _export(catalog, "good", "gguf", tmp_path / "out", quant="q4_k_m")
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog"]  # no output, no temp folder, no f32 staging file
+
+
+def test_log_to_mlflow_refusals_write_nothing(catalog: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportRefused, match="needs an MLflow tracking URI"):
+        export("good", "peft", tmp_path / "out", base="tiny-llama", catalog_dir=catalog, log_to_mlflow=True)
+    with pytest.raises(ExportRefused, match=r"needs an adapter from the MLflow registry; local:good:\S+ is local"):
+        export("good", "peft", tmp_path / "out", base="tiny-llama", catalog_dir=catalog,
+               mlflow_uri="http://127.0.0.1:9", log_to_mlflow=True)  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog"]
 
 
 def test_lm_head_lora_refused_naming_the_module(catalog: Path, tmp_path: Path) -> None:
@@ -100,6 +134,19 @@ def test_bases_llama_cpp_cannot_take_are_refused(tiny_base, change: dict, reason
     check_base_for_llama_cpp(tiny_base.model.config)  # the unchanged base passes
 
 
+def test_tokenizers_llama_cpp_cannot_take_are_refused(tiny_base, tmp_path: Path) -> None:
+    from adapters.export.gguf_llama import add_tokenizer, pre_tokenizer
+
+    assert pre_tokenizer("smollm2-135m", ["a b"]) == "smollm" and pre_tokenizer("tiny-llama", []) == "default"
+    with pytest.raises(ExportRefused, match=r"pre-tokenizer of base 'my-base'.*known: smollm2-135m"):
+        pre_tokenizer("my-base", ["a b"])  # BPE with merges: llama.cpp must be told how it pre-splits
+    with pytest.raises(ExportRefused, match="has no tokenizer.json"):
+        add_tokenizer(None, tmp_path, "my-base", tiny_base.tokenizer, 259)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(ExportRefused, match="tokenizer is Unigram; the GGUF writer supports BPE"):
+        add_tokenizer(None, tmp_path, "my-base", tiny_base.tokenizer, 259)
+
+
 def test_unknown_model_refused(catalog: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportRefused, match="does not exist"):
         _export(catalog, "nope", "peft", tmp_path / "out")
@@ -129,6 +176,14 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(ExportRefused, match="already exists"), atomic_folder(tmp_path / "out"):
         pass
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_folder_has_the_permissions_of_an_ordinary_folder(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "f.txt").write_text("x")
+    assert (tmp_path / "out" / "f.txt").read_text() == "x"
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 # --- formats ----------------------------------------------------------------------------------------------------
@@ -204,6 +259,11 @@ def test_cli_export_and_refusal(catalog: Path, tmp_path: Path) -> None:
                               str(tmp_path / "m"), "--base", "tiny-llama", "--catalog", str(catalog)])  # fmt: skip
     assert bad.exit_code == 1 and "--quant applies to gguf and gguf-lora" in bad.output
     assert not (tmp_path / "m").exists()
+    local = runner.invoke(app, ["export", "good", "--format", "peft", "--out", str(tmp_path / "p"), "--base",
+                                "tiny-llama", "--catalog", str(catalog), "--mlflow", "http://127.0.0.1:9",
+                                "--log-to-mlflow"])  # fmt: skip
+    assert local.exit_code == 1 and "needs an adapter from the MLflow registry" in local.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_completion_modelfile_keeps_prefix_literal(tiny_base) -> None:

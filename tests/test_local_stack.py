@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from stack_processes import stack_processes, still_running
 
 from cluster.local_stack import StackConfig, StackError, StackInfo, down, read_stack, status, up
 from cluster.processes import port_is_listening, spawn_in_new_session, stop_tree, tree_members
@@ -57,31 +58,6 @@ def _port_args(config: StackConfig) -> list[str]:
     ]
 
 
-def _stack_processes(info: StackInfo) -> dict[int, float]:
-    """pid -> create time of everything belonging to the stack: both process trees (by session), plus anything
-    whose command line names the stack's state dir, Ray temp dir or GCS address (a leak check that does not
-    trust the session bookkeeping)."""
-    found = {p.pid: p.create_time() for rec in (info.ray, info.mlflow) for p in tree_members(rec)}
-    markers = (info.state_dir, info.ray_temp_dir, f"127.0.0.1:{info.ray_ports.gcs}")
-    for proc in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.pid != os.getpid() and any(m in cmd for m in markers):
-            found[proc.pid] = proc.info["create_time"]
-    return found
-
-
-def _still_running(procs: dict[int, float]) -> list[int]:
-    alive = []
-    for pid, created in procs.items():
-        try:
-            proc = psutil.Process(pid)
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.Error:
-            continue
-    return alive
-
-
 @pytest.mark.slow
 def test_stack_answers_over_http(local_stack: StackInfo) -> None:
     with _client() as client:
@@ -105,7 +81,7 @@ def test_stack_answers_over_http(local_stack: StackInfo) -> None:
 
 @pytest.mark.slow
 def test_everything_listens_on_loopback_only(local_stack: StackInfo) -> None:
-    pids = set(_stack_processes(local_stack))
+    pids = set(stack_processes(local_stack))
     listening = [
         c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr
     ]
@@ -182,13 +158,13 @@ def test_up_restart_down_lifecycle(tmp_path: Path, port_picker: Callable[[int], 
         assert sorted(info.started) == ["mlflow", "ray"]
         # A dead component is cleaned up (its orphaned server process stopped by PID) and started again;
         # the live Ray head is kept.
-        old_mlflow = _stack_processes(info)
+        old_mlflow = stack_processes(info)
         os.kill(info.mlflow.pid, signal.SIGKILL)
         again = up(config)
         assert again.started == ["mlflow"] and again.ray.pid == info.ray.pid and again.mlflow.pid != info.mlflow.pid
-        assert not [pid for pid in _still_running(old_mlflow) if pid not in _stack_processes(again)]
+        assert not [pid for pid in still_running(old_mlflow) if pid not in stack_processes(again)]
 
-        procs = _stack_processes(again)
+        procs = stack_processes(again)
         assert len(procs) > 5
         report = down(config)
     finally:
@@ -196,7 +172,7 @@ def test_up_restart_down_lifecycle(tmp_path: Path, port_picker: Callable[[int], 
         if not Path(info.ray_temp_dir).is_relative_to(tmp_path):  # the short /tmp path used for Ray's sockets
             shutil.rmtree(info.ray_temp_dir, ignore_errors=True)
     assert report.was_running and report.leftover_pids == []
-    assert _still_running(procs) == []
+    assert still_running(procs) == []
     assert not any(port_is_listening(p) for p in (gcs, dashboard, mlflow))
     assert read_stack(config.state_dir) is None
 
@@ -246,5 +222,5 @@ def test_stop_tree_escalates_to_sigkill_and_finds_orphans(tmp_path: Path) -> Non
             del members[record.pid]
         outcome = stop_tree(record, graceful_timeout=0.5, term_timeout=0.5)
         assert outcome.was_running and set(outcome.killed_pids) == set(members) and outcome.leftover_pids == []
-        assert _still_running(members) == []
+        assert still_running(members) == []
         assert not stop_tree(record).was_running

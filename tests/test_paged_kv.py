@@ -1,6 +1,7 @@
-"""Paged KV building blocks (issue 22, not wired into the engine yet): the block manager (serve_app/engine/
-block_manager.py) and the Triton paged-attention decode kernel (serve_app/engine/paged_attention.py), the kernel on
-CPU in a subprocess under the Triton interpreter (tests/paged_attention_cases.py) and, marked `gpu`, on CUDA.
+"""Paged KV building blocks (issue 22; the engine on them: tests/test_engine_paged.py): the block manager
+(serve_app/engine/block_manager.py) and the Triton paged-attention decode kernel (serve_app/engine/paged_attention.py),
+the kernel on CPU in a subprocess under the Triton interpreter (tests/paged_attention_cases.py) and, marked `gpu`, on
+CUDA.
 
     .venv/bin/python -m pytest -q tests/test_paged_kv.py
 """
@@ -19,6 +20,9 @@ import torch
 from paged_attention_cases import CASES, problems, run_case
 
 from serve_app.engine.block_manager import BlockManager, OutOfBlocks
+from serve_app.engine.paged_kv import PagedKV
+from serve_app.engine.scheduler import Scheduler
+from serve_app.engine.sequence import SamplingParams, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +98,50 @@ def test_bad_arguments_are_refused() -> None:
     manager.allocate("a", 1)
     with pytest.raises(ValueError, match="already has blocks"):
         manager.allocate("a", 1)
+
+
+# -- the engine's paged KV cache and admission by free blocks -----------------------------------------------------
+def test_reserve_preempts_the_youngest_running_sequences_including_ones_still_in_prefill() -> None:
+    kv = PagedKV(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=1, head_dim=4, max_len=64,
+                 dtype=torch.float32, device="cpu")  # fmt: skip
+    kv.allocate("old", 16)  # decoding, its block full: needs a new one
+    kv.allocate("mid", 8)  # decoding, room left in its block
+    kv.allocate("young", 32)  # still in prefill, holding two blocks
+    assert kv.num_free == 0
+    assert kv.reserve(["old", "mid"], ["old", "mid", "young"]) == ["young"]  # the prefilling one goes first
+    assert kv.num_free == 2 and kv.table("old") == [0] and kv.table("mid") == [1]  # nobody else moved
+    assert kv.reserve(["old", "mid"], ["old", "mid"]) == []
+    kv.append("old")
+    kv.free("old")
+    kv.free("mid")
+    assert kv.num_free == 4
+
+
+def _seq(rid: str, adapter: str | None, prompt: int) -> Sequence:
+    return Sequence(rid, [1] * prompt, SamplingParams(), adapter, detokenizer=None)  # type: ignore[arg-type]
+
+
+def test_admission_stops_at_the_first_prompt_that_does_not_fit_and_preempted_ones_go_first() -> None:
+    kv = PagedKV(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=1, head_dim=4, max_len=64,
+                 dtype=torch.float32, device="cpu")  # fmt: skip
+    scheduler = Scheduler(max_loras=4, starvation_s=10.0)
+    for seq in (_seq("a1", "a", 40), _seq("b1", "b", 30), _seq("a2", "a", 5)):
+        scheduler.add(seq)
+
+    def fits(seq: Sequence) -> bool:
+        return kv.can_hold(seq.prefill_target)
+
+    def take(seq: Sequence) -> None:
+        kv.allocate(seq.request_id, seq.prefill_target)
+
+    admitted = scheduler.schedule(8, set(), lambda _: True, fits=fits, on_admit=take)
+    assert [s.request_id for s in admitted] == ["a1"]  # b1 (2 blocks) does not fit in 1: a2 does not overtake it
+    assert scheduler.waiting_count == 2 and kv.num_free == 1
+    kv.free("a1")
+    scheduler.add(admitted[0], front=True)  # preempted: recomputed before a2
+    order = scheduler.schedule(8, set(), lambda _: True, fits=fits, on_admit=take)
+    assert [s.request_id for s in order] == ["b1"]  # (round robin: b's turn) then a1's 3 blocks do not fit in 2
+    assert [s.request_id for s in scheduler.waiting()] == ["a1", "a2"]
 
 
 # -- the paged-attention decode kernel --------------------------------------------------------------------------

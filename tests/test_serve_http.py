@@ -34,6 +34,7 @@ from serve_helpers import (
     http_client,
     is_ok,
     metric_totals,
+    register_adapter,
     replicas,
     shutdown,
     sse_data,
@@ -253,23 +254,13 @@ def test_adapter_added_to_local_catalog_after_start_is_served(url, catalog, adap
 
 
 def test_adapter_registered_in_mlflow_after_start_is_served(url, local_stack, adapter_dirs, expected) -> None:
-    from mlflow import MlflowClient
-
     name = f"late-mlflow-{uuid.uuid4().hex[:8]}"
     want = expected[("late-mlflow", PROMPTS[1])]["text"]
     with http_client() as http:
         missing = http.post(f"{url}/v1/chat/completions", json=_chat(name, PROMPTS[1]))
         assert missing.status_code == 404 and name in missing.json()["error"]["message"]
 
-        client = MlflowClient(tracking_uri=local_stack.mlflow_url, registry_uri=local_stack.mlflow_url)
-        experiment = client.get_experiment_by_name("serve-http-test")
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment("serve-http-test")
-        run = client.create_run(experiment_id, run_name=name)
-        client.log_artifacts(run.info.run_id, str(adapter_dirs["late-mlflow"]), "adapter")
-        client.create_registered_model(name)
-        version = client.create_model_version(name, f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id,
-                                              tags={"base_model": "tiny-llama"}).version  # fmt: skip
-        client.set_registered_model_alias(name, "champion", version)
+        version = register_adapter(local_stack.mlflow_url, "serve-http-test", name, adapter_dirs["late-mlflow"])
 
         def served() -> httpx.Response | None:  # the 404 above is cached for registry_ttl_s (1 s)
             response = http.post(f"{url}/v1/chat/completions", json=_chat(name, PROMPTS[1]))

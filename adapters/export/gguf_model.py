@@ -1,12 +1,14 @@
-"""Export format `gguf`: the base with the adapter merged in, as one llama.cpp GGUF file (f32, f16, q8_0 or q4_0)
-with the tokenizer and chat template in its metadata, and an Ollama `Modelfile` next to it.
+"""Export format `gguf`: the base with the adapter merged in, as one llama.cpp GGUF file (f32, f16, q8_0, q4_0 or
+q4_k_m) with the tokenizer and chat template in its metadata, and an Ollama `Modelfile` next to it.
 
     lorafleet export sentiment --format gguf --quant q4_0 --out exports/sentiment-q4
     ollama create sentiment -f exports/sentiment-q4/Modelfile      # or: llama-cli -m exports/.../*.gguf
 
 q8_0 and q4_0 are quantized by the `gguf` package's reference quantizers (the same block formats llama.cpp reads).
 For q4_0 the token embedding (the output layer too when tied) stays at q8_0, as llama.cpp's quantizer keeps it
-above 4 bits. q4_k_m is not offered: the `gguf` package has no K-quant quantizer.
+above 4 bits. q4_k_m: the `gguf` package has no K-quant quantizer, so an f32 GGUF is written first (a hidden file
+in the same temporary folder) and llama.cpp's own quantizer makes the Q4_K_M file from it
+(adapters/export/gguf_kquant.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from adapters.export.gguf_kquant import LLAMA_CPP_QUANTS, quantize_gguf
 from adapters.export.gguf_llama import (
     QUANTS,
     add_hparams,
@@ -24,9 +27,16 @@ from adapters.export.gguf_llama import (
     tensor_type,
 )
 from adapters.export.ollama import write_modelfile
-from adapters.export.prepare import ExportSource, atomic_folder, check_base_for_llama_cpp, merged_state_dict
+from adapters.export.prepare import (
+    ExportRefused,
+    ExportSource,
+    atomic_folder,
+    check_base_for_llama_cpp,
+    merged_state_dict,
+)
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE values
+GGUF_QUANTS = (*QUANTS, *LLAMA_CPP_QUANTS)  # written here, or (K-quants) by llama.cpp's quantizer
 
 
 def gguf_file_name(name: str, quant: str) -> str:
@@ -65,9 +75,17 @@ def write_gguf(source: ExportSource, path: Path, quant: str, name: str) -> None:
 
 def export_gguf(source: ExportSource, out: Path, quant: str, name: str) -> list[Path]:
     """Write `<name>-<quant>.gguf` and `Modelfile` into the new folder `out`; the files written."""
+    if quant not in GGUF_QUANTS:
+        raise ExportRefused(f"quant '{quant}' is not supported for gguf (supported: {', '.join(GGUF_QUANTS)})")
     file_name = gguf_file_name(name, quant)
     with atomic_folder(out) as tmp:
-        write_gguf(source, tmp / file_name, quant, name)
+        if quant in LLAMA_CPP_QUANTS:
+            staging = tmp / f".{name}-f32.gguf"
+            write_gguf(source, staging, "f32", name)
+            quantize_gguf(staging, tmp / file_name, quant)
+            staging.unlink()
+        else:
+            write_gguf(source, tmp / file_name, quant, name)
         write_modelfile(tmp / "Modelfile", file_name, source.prompt, source.base.tokenizer)
     return [out / file_name, out / "Modelfile"]
 
@@ -78,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Merge an adapter folder into its base and write a GGUF file.")
     parser.add_argument("adapter", type=Path)
     parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--quant", choices=QUANTS, default="f16")
+    parser.add_argument("--quant", choices=GGUF_QUANTS, default="f16")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     for path in export_gguf(load_source(args.adapter, args.base), args.out, args.quant, args.adapter.name):

@@ -133,9 +133,14 @@ def load_source(adapter_dir: Path | str, base_ref: str) -> ExportSource:
 def base_source(base_ref: str) -> ExportSource:
     """The base alone (no adapter), for a base GGUF that `gguf-lora` files load on top of."""
     from adapters.base_models import load_base
+
+    return base_only(load_base(base_ref, dtype="float32"))
+
+
+def base_only(base: Any) -> ExportSource:
+    """An already loaded float32 base (adapters.base_models.LoadedBase) as a source with no adapter."""
     from adapters.lora_files import LoraAdapterConfig, LoraWeights
 
-    base = load_base(base_ref, dtype="float32")
     return ExportSource(Path(base.path), base, LoraWeights(LoraAdapterConfig(r=1, lora_alpha=1.0), {}, 0), None)
 
 
@@ -161,6 +166,9 @@ def atomic_folder(out: Path | str) -> Iterator[Path]:
         yield tmp
         if out.exists():
             out.rmdir()
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export is an ordinary folder like any mkdir's
         os.rename(tmp, out)
     finally:
         if tmp.exists():

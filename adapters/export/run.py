@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.export.gguf_lora import LORA_QUANTS
+from adapters.export.gguf_model import GGUF_QUANTS
 from adapters.export.prepare import ExportRefused, load_source
 from adapters.registry import AdapterRegistry, IncompatibleAdapter, UnknownAdapter
 from adapters.sources import RegistryUnavailable
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("peft", "merged", "gguf-lora", "gguf")
 DEFAULT_QUANT = {"gguf": "f16", "gguf-lora": "f16"}
+QUANT_CHOICES = {"gguf": GGUF_QUANTS, "gguf-lora": LORA_QUANTS}
 
 
 @dataclass
@@ -41,6 +44,8 @@ def export(model: str | None, fmt: str, out: Path, *, quant: str | None = None, 
         raise ExportRefused(f"--quant applies to gguf and gguf-lora, not to {fmt}")
     if log_to_mlflow and not mlflow_uri:
         raise ExportRefused("--log-to-mlflow needs an MLflow tracking URI (--mlflow or $MLFLOW_TRACKING_URI)")
+    if quant and quant not in QUANT_CHOICES[fmt]:
+        raise ExportRefused(f"--quant {quant} is not supported for {fmt} (supported: {', '.join(QUANT_CHOICES[fmt])})")
     quant = quant or DEFAULT_QUANT.get(fmt)
     if model is None:
         if fmt != "gguf" or log_to_mlflow:
@@ -58,6 +63,8 @@ def export(model: str | None, fmt: str, out: Path, *, quant: str | None = None, 
         folder = registry.fetch(ref)
     except (UnknownAdapter, IncompatibleAdapter, RegistryUnavailable) as err:
         raise ExportRefused(str(err)) from err
+    if log_to_mlflow and (ref.source != "mlflow" or not ref.version):  # refuse before writing anything
+        raise ExportRefused(f"--log-to-mlflow needs an adapter from the MLflow registry; {ref.id} is {ref.source}")
     source = load_source(folder, base)
     name = ref.name if ref.version is None else f"{ref.name}-v{ref.version}"
     out = Path(out)

@@ -6,7 +6,8 @@ nothing else, so a client can never make the server read another bucket, path or
 Only the adapter's files are copied (`adapter_config.json`, `adapter_model.safetensors`, `lorafleet_prompt.json`
 when present; never a pickle), once per content (the id carries the weights' size and ETag/mtime) into the lorafleet
 cache; the weights must stay under `max_bytes`; config and safetensors header are checked (`lora_files.quick_check`).
-Credentials and endpoints come from fsspec's usual places (AWS_* / GOOGLE_* environment, `storage_options`).
+Credentials and endpoints come from fsspec's usual places (AWS_* / GOOGLE_* environment, `storage_options`);
+an S3-compatible store through `AWS_ENDPOINT_URL` (tested against a real moto S3 server: tests/test_s3_store.py).
 
     python -m adapters.sources.object_store s3://bucket/adapters/sentiment --allow s3://bucket/adapters/
 """

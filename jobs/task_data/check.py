@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,13 +184,19 @@ def print_report(report: TaskReport, out: TextIO | None = None, color: bool | No
         write(f"  duplicate inputs in train: {report.duplicates}; eval rows also in train: {report.overlap}")
     if report.example:
         marker = "green" if color else f"{OPEN} {CLOSE}"
-        write(f"  example {report.example_where} as the model sees it (trained part in {marker}):")
+        write(f"  example {_as_typed(report.example_where)} as the model sees it (trained part in {marker}):")
         for line in format_runs(report.example, color).splitlines():
             write(f"    {line}")
     for warning in report.warnings:
         write(f"  warning: {warning}")
     for error in report.errors:
         write(f"  error: {error}")
+
+
+def _as_typed(where: str) -> str:
+    """A row's location relative to the working directory when it lies under it (as the user wrote the path)."""
+    cwd = os.getcwd().rstrip("/") + "/"
+    return where.removeprefix(cwd)
 
 
 def run_check(config_path: str | Path, task: str | None = None, out: TextIO | None = None) -> int:

@@ -1,5 +1,5 @@
 """Block manager for a paged KV cache: fixed-size blocks handed out from a free list, one block table per sequence,
-and preemption when blocks run out (building blocks for issue 22; the engine does not use it yet).
+and preemption when blocks run out (the engine's paged KV cache: serve_app/engine/paged_kv.py).
 
 A sequence's token at position p lives in block `table[p // block_size]` at offset `p % block_size`; its physical
 slot is `block * block_size + offset` (the index a paged KV tensor [num_blocks * block_size, ...] is written at).
@@ -81,7 +81,7 @@ class BlockManager:
                 raise OutOfBlocks(f"no free block for sequence {seq_id!r}")
             table.append(self._free.pop())
         self._lengths[seq_id] = length + 1
-        return self.slot(seq_id, length)
+        return table[length // self.block_size] * self.block_size + length % self.block_size
 
     def free(self, seq_id: Hashable) -> int:
         """Return a finished (or preempted) sequence's blocks to the free list; returns how many."""

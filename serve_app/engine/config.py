@@ -1,10 +1,11 @@
-"""Engine configuration (pydantic, extra fields refused): memory bounds, adapter slots, scheduling knobs."""
+"""Engine configuration (pydantic, extra fields refused): memory bounds, the paged KV cache, adapter slots,
+scheduling knobs."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.base_models import DType
 
@@ -14,15 +15,29 @@ class EngineConfig(BaseModel):
 
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     dtype: DType = Field("auto", description="weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
-    max_running: int = Field(16, ge=1, le=1024, description="sequences decoding together (KV slots)")
-    max_seq_len: int = Field(1024, ge=16, description="prompt + generated tokens per sequence (KV per slot)")
+    max_running: int = Field(16, ge=1, le=1024, description="sequences running (prefill or decode) together")
+    max_seq_len: int = Field(1024, ge=16, description="prompt + generated tokens per sequence")
+    kv_block_size: int = Field(16, ge=16, le=256, description="tokens per paged-KV block (a power of two)")
+    num_kv_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="paged-KV blocks shared by all sequences; None = max_running x blocks of max_seq_len (never "
+        "preempts). Fewer save memory: when they run out the youngest running sequence is preempted and later "
+        "recomputed (same tokens)",
+    )
     max_queue: int = Field(1024, ge=1, description="waiting requests beyond which new ones are refused (429)")
     max_loras: int = Field(8, ge=1, description="adapter slots on the device = distinct adapters in one step")
     max_lora_rank: int = Field(16, ge=1, le=256, description="slot rank; lower-rank adapters are zero-padded")
     prefill_chunk: int = Field(
         256,
         ge=8,
-        description="prompt tokens prefilled per step (across sequences), so long prompts never stall decoding",
+        description="most prompt tokens of one sequence prefilled in one step, so long prompts never stall decoding",
+    )
+    prefill_token_budget: int | None = Field(
+        None,
+        ge=8,
+        description="prompt tokens prefilled per step across sequences, in one batched forward (several prompts, "
+        "each at most prefill_chunk tokens); None = prefill_chunk",
     )
     starvation_s: float = Field(
         2.0, ge=0, description="an adapter waiting longer than this for a slot stops new admissions of running ones"
@@ -34,6 +49,12 @@ class EngineConfig(BaseModel):
         "gather/grouped by size; native requires the C kernel; triton requires CUDA and the triton extra (on CPU: "
         "only under TRITON_INTERPRET=1, for tests)",
     )
+    decode_attention: Literal["auto", "triton", "torch"] = Field(
+        "auto",
+        description="decode attention over the paged KV cache (serve_app/engine/attention.py): auto = the Triton "
+        "paged-decode kernel on CUDA when triton imports, else PyTorch (gather of each row's live blocks + SDPA); "
+        "triton on CPU only under TRITON_INTERPRET=1 (tests)",
+    )
     lora_overlap: Literal["auto", "on", "off"] = Field(
         "auto",
         description="CPU float32 on the native kernel: each projection group's LoRA runs on a worker thread while "
@@ -41,3 +62,22 @@ class EngineConfig(BaseModel):
         "start-up against LoRA in place and kept if faster, taking one of PyTorch's threads "
         "(serve_app/engine/lora_overlap.py); on: always, PyTorch's threads left as they are; off: never",
     )
+
+    @model_validator(mode="after")
+    def _check_kv(self) -> EngineConfig:
+        if self.kv_block_size & (self.kv_block_size - 1):
+            raise ValueError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
+        need = -(-self.max_seq_len // self.kv_block_size)
+        if self.num_kv_blocks is not None and self.num_kv_blocks < need:
+            raise ValueError(f"num_kv_blocks ({self.num_kv_blocks}) must hold one sequence of max_seq_len "
+                             f"({self.max_seq_len} tokens = {need} blocks of {self.kv_block_size})")  # fmt: skip
+        return self
+
+    @property
+    def kv_blocks(self) -> int:
+        """The paged KV cache's block count (`num_kv_blocks`, or enough for max_running full sequences)."""
+        return self.num_kv_blocks or self.max_running * -(-self.max_seq_len // self.kv_block_size)
+
+    @property
+    def prefill_budget(self) -> int:
+        return self.prefill_token_budget or self.prefill_chunk

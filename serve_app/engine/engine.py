@@ -1,9 +1,13 @@
 """LoraEngine: heterogeneous continuous batching over one base model and many LoRA adapters.
 
-Each `step()` (1) admits waiting requests into free KV slots (see `scheduler`), pinning their adapters into
-device slots, (2) runs one prefill chunk of the oldest sequence still in prefill, and (3) runs one decode token for
-every decoding sequence together — whatever their adapters — through the batched-LoRA operator. Finished
-sequences leave at once and their KV slots are compacted so decode rows stay a contiguous prefix of the cache.
+Each `step()` (1) admits waiting requests while `max_running` and the paged KV cache's free blocks allow (see
+`scheduler`; a sequence's blocks for its prompt are taken at admission), pinning their adapters into device slots,
+(2) reserves a block for every decoding sequence's next token, preempting the youngest running sequences when
+blocks run out (they wait again and are recomputed: same tokens), (3) prefills chunks of several prompts in one
+forward within `prefill_token_budget` (`prefill_batch`), (4) runs one decode token for every decoding sequence
+together — whatever their adapters — through the batched-LoRA operator, and (5) samples every row on the device
+with one host sync (`sampler`). A sequence that finishes its prompt decodes from the next step. Finished sequences
+leave at once; their KV blocks return to the free list, nothing is copied (`paged_kv`).
 
 Plain Python: no Ray, no threads (see `async_engine` for the asyncio wrapper).
 
@@ -24,12 +28,15 @@ from adapters.batched_lora import LoraBatch
 from adapters.lora_files import BaseShapes, LoraWeights, read_lora
 from adapters.slot_bank import LoraSlotBank
 from serve_app.engine import logprobs, lora_overlap
+from serve_app.engine.attention import DecodeAttention, triton_kernels
+from serve_app.engine.block_manager import BlockManager
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.constraints import GrammarError, Grammars
 from serve_app.engine.detokenizer import IncrementalDetokenizer
-from serve_app.engine.kv_cache import KVCache
 from serve_app.engine.model_runner import ModelRunner
-from serve_app.engine.outcomes import EngineStats, RequestRejected
+from serve_app.engine.outcomes import EngineStats, RequestRejected, check_request
+from serve_app.engine.paged_kv import PagedKV
+from serve_app.engine.prefill_batch import PrefillPlan, plan_prefill
 from serve_app.engine.sampler import sample
 from serve_app.engine.scheduler import Scheduler
 from serve_app.engine.sequence import SamplingParams, Sequence, State, TokenOutput
@@ -58,8 +65,9 @@ class LoraEngine:
         self.shapes = BaseShapes.from_config(mc, base.fingerprint, base.name)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.max_seq_len = min(config.max_seq_len, getattr(mc, "max_position_embeddings", config.max_seq_len))
-        self.kv = KVCache(mc.num_hidden_layers, config.max_running, mc.num_key_value_heads, self.max_seq_len,
-                          head_dim, dtype, self.device)  # fmt: skip
+        self.kv = PagedKV(mc.num_hidden_layers, config.kv_blocks, config.kv_block_size, mc.num_key_value_heads,
+                          head_dim, self.max_seq_len, dtype, self.device)  # fmt: skip
+        self._attention_kernels = triton_kernels(self.device, config.decode_attention)
         self.bank = LoraSlotBank(self.shapes, config.max_loras, config.max_lora_rank, dtype, self.device)
         self.lora_kernel = config.lora_kernel
         if self.lora_kernel == "triton":  # CUDA, or CPU under the Triton interpreter (tests); else a clear error
@@ -78,8 +86,8 @@ class LoraEngine:
         self.scheduler = Scheduler(config.max_loras, config.starvation_s)
         self.adapters: dict[str, LoraWeights] = {}
         self._unregister_when_idle: set[str] = set()
-        self._slots: list[Sequence | None] = [None] * config.max_running
-        self._n_decode = 0
+        self._running: list[Sequence] = []  # admitted (prefill or decode), in admission order
+        self._decode: list[Sequence] = []  # decode rows, in batch order (a leaving row's place takes the last one)
         self._by_id: dict[str, Sequence] = {}
         self._decode_plan: tuple[tuple, LoraBatch] | None = None
         self._single_plans: dict[int, LoraBatch] = {}  # slot -> plan for rows that all use it (views only)
@@ -88,6 +96,7 @@ class LoraEngine:
         self.grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)  # JSON output
         self.steps = 0
         self.generated_tokens = 0
+        self.preemptions = 0
 
     @classmethod
     def from_base_ref(
@@ -141,21 +150,7 @@ class LoraEngine:
     ) -> None:
         if request_id in self._by_id:
             raise RequestRejected(f"request id {request_id} is already running", 409)
-        if not prompt_ids:
-            raise RequestRejected("the prompt is empty", 400, "prompt")
-        if params.max_tokens < 1:
-            raise RequestRejected("max_tokens must be >= 1", 400, "max_tokens")
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise RequestRejected(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
-                f"of {self.max_seq_len} tokens",
-                400,
-                "max_tokens" if len(prompt_ids) < self.max_seq_len else "messages",
-            )
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.runner.vocab_size:
-            raise RequestRejected("prompt holds token ids outside the vocabulary", 400, "prompt")
-        if params.logit_bias and max(i for i, _ in params.logit_bias) >= self.runner.vocab_size:
-            raise RequestRejected("logit_bias holds token ids outside the vocabulary", 400, "logit_bias")
+        check_request(prompt_ids, params, self.max_seq_len, self.runner.vocab_size)
         if adapter_id is not None and adapter_id not in self.adapters:
             raise RequestRejected(f"adapter {adapter_id} is not loaded", 404, "model")
         if self.scheduler.waiting_count >= self.config.max_queue:
@@ -179,7 +174,6 @@ class LoraEngine:
             self._forget(seq)
         else:
             self._finish(seq, "abort")
-            self._compact([seq])
         return True
 
     def fail_all(self, reason: str) -> list[TokenOutput]:
@@ -190,8 +184,8 @@ class LoraEngine:
             if seq.state is State.WAITING:
                 self.scheduler.remove(seq.request_id)
             self._finish(seq, "error")
-        self._slots = [None] * self.config.max_running
-        self._n_decode = 0
+        self._running, self._decode = [], []
+        self.kv.blocks = BlockManager(self.kv.num_blocks, self.kv.block_size)  # whatever the failed step left
         self._decode_plan = None
         return outputs
 
@@ -205,7 +199,7 @@ class LoraEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            running=sum(s is not None for s in self._slots),
+            running=len(self._running),
             waiting=self.scheduler.waiting_count,
             resident_adapters=self.bank.resident(),
             registered_adapters=len(self.adapters),
@@ -213,6 +207,9 @@ class LoraEngine:
             adapter_evictions=self.bank.evictions,
             steps=self.steps,
             generated_tokens=self.generated_tokens,
+            kv_blocks=self.kv.num_blocks,
+            kv_blocks_free=self.kv.num_free,
+            preemptions=self.preemptions,
         )
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -221,38 +218,56 @@ class LoraEngine:
             return self._step()
 
     def _step(self) -> list[TokenOutput]:
-        now = time.monotonic()  # requests past their deadline end first, freeing their slots
+        now = time.monotonic()  # requests past their deadline end first, freeing their blocks
         overdue = [s for s in self._by_id.values() if s.overdue(now)]
         outputs = [TokenOutput.expired(s) for s in overdue if self.abort(s.request_id)]
         self._admit()
-        finished: list[Sequence] = []
-        budget = self.config.prefill_chunk  # prompt tokens per step, shared by the oldest prefilling sequences
-        prefilling = sorted((s for s in self._slots if s is not None and s.state is State.PREFILL),
-                            key=lambda s: s.arrival)  # fmt: skip
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(seq, budget, outputs, finished)
-        rows = self._slots[: self._n_decode]
+        self._reserve()
+        prefilling = sorted((s for s in self._running if s.state is State.PREFILL), key=lambda s: s.arrival)
+        plan = plan_prefill(prefilling, self.config.prefill_budget, self.config.prefill_chunk, self.kv, self.device)
+        rows = list(self._decode)
+        logits, sampled = [], []
+        if plan is not None:
+            logits.append(self._prefill(plan))
+            sampled += [c.seq if c.ends_prefill and not c.seq.output_ids else None for c in plan.chunks]
         if rows:
-            self._decode(rows, outputs, finished)  # type: ignore[arg-type]
-        self._compact(finished)
+            logits.append(self._decode_logits(rows))
+            sampled += rows
+        if logits:
+            tokens, finite = sample(torch.cat(logits) if len(logits) > 1 else logits[0], sampled)
+            self._take(plan, rows, tokens, finite, outputs)
         self.steps += 1
         return outputs
 
     def _admit(self) -> None:
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        if not free or not self.scheduler.waiting_count:
+        free = self.config.max_running - len(self._running)
+        if free <= 0 or not self.scheduler.waiting_count:
             return
-        running = {s.adapter_key for s in self._slots if s is not None and s.adapter_id}
-        for seq in self.scheduler.schedule(len(free), running, self.bank.can_place):
+        running = {s.adapter_key for s in self._running if s.adapter_id}
+        fits = lambda seq: self.kv.can_hold(seq.prefill_target)  # noqa: E731
+        for seq in self.scheduler.schedule(free, running, self.bank.can_place, fits=fits,
+                                           on_admit=lambda s: self.kv.allocate(s.request_id, s.prefill_target)):  # fmt: skip
             if seq.adapter_id:
                 was_resident = self.bank.slot_of(seq.adapter_id) is not None
                 seq.lora_slot = self.bank.acquire(seq.adapter_id, self.adapters[seq.adapter_id])
                 self._bank_version += 0 if was_resident else 1
-            seq.kv_slot = free.pop(0)
             seq.state = State.PREFILL
-            self._slots[seq.kv_slot] = seq
+            self._running.append(seq)
+
+    def _reserve(self) -> None:
+        """A block for every decode row's next token; preempt the youngest running sequences if blocks run out."""
+        if not self._decode:
+            return
+        by_age = sorted(self._running, key=lambda s: s.arrival)
+        preempted = self.kv.reserve([s.request_id for s in self._decode], [s.request_id for s in by_age])
+        for seq in (self._by_id[i] for i in preempted):
+            self.preemptions += 1
+            self._leave(seq)
+            if seq.adapter_id:
+                self.bank.release(seq.adapter_id)
+            seq.state, seq.prefilled = State.WAITING, 0
+            seq.prompt_logprobs = None if not seq.output_ids else seq.prompt_logprobs  # (recomputed with the prompt)
+            self.scheduler.add(seq, front=True)
 
     def _lora_for(self, slots: tuple[int, ...], previous: LoraBatch | None = None) -> LoraBatch | None:
         if not any(slots):
@@ -260,34 +275,34 @@ class LoraEngine:
         if len(set(slots)) == 1:  # every row on one adapter (e.g. a prefill chunk): one reusable plan per slot
             plan = self._single_plans.get(slots[0])
             if plan is None:
-                plan = LoraBatch(torch.tensor(slots[:1], device=self.device), self.bank.storage, self.lora_kernel)
+                plan = LoraBatch(torch.tensor(slots[:1], device=self.device), self.bank.storage, self.lora_kernel,
+                                 slots=list(slots[:1]))  # fmt: skip
                 self._single_plans[slots[0]] = plan
             return plan
         idx = torch.tensor(slots, device=self.device)
-        return LoraBatch(idx, self.bank.storage, self.lora_kernel, previous=previous)
+        return LoraBatch(idx, self.bank.storage, self.lora_kernel, previous=previous, slots=list(slots))
 
-    def _prefill_chunk(self, seq: Sequence, budget: int, outputs: list[TokenOutput], finished: list[Sequence]) -> int:
-        """Prefill up to `budget` more prompt tokens of `seq`; return how many were processed."""
-        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + budget]
-        tokens = torch.tensor(chunk, device=self.device)
-        want_all = seq.params.prompt_logprobs is not None
-        logits = self.runner.prefill(seq.kv_slot, tokens, seq.prefilled, self._lora_for((seq.lora_slot,)), want_all)
-        logits = logprobs.note_prompt(seq, logits, seq.prefilled) if want_all else logits
-        seq.prefilled += len(chunk)
-        if not bool(torch.isfinite(logits).all()):
-            self._fail_poisoned(seq, outputs, finished)
-            return len(chunk)
-        if seq.prefilled < len(seq.prompt_ids):
-            return len(chunk)
-        seq.first_token_at = time.monotonic()
-        token = sample(logits[None], [seq])[0]
-        if not self._append(seq, token, outputs, finished):
-            self._join_decode(seq)
-        return len(chunk)
+    def _prefill(self, plan: PrefillPlan) -> torch.Tensor:
+        """Run the step's prefill chunks; returns the logits of each chunk's last token [chunks, V]."""
+        logits = self.runner.prefill(plan.tokens, plan.positions, self._lora_for(plan.slots), plan.attention,
+                                     plan.logit_rows)  # fmt: skip
+        for chunk in plan.chunks:
+            if chunk.want_all:
+                logprobs.note_prompt(chunk.seq, logits[chunk.first_row : chunk.first_row + chunk.count], chunk.start)
+            chunk.seq.prefilled += chunk.count
+        if logits.shape[0] == len(plan.chunks):  # one row per chunk: its last token's
+            return logits
+        return logits.index_select(0, torch.tensor([c.last_row for c in plan.chunks], device=logits.device))
 
-    def _decode(self, rows: list[Sequence], outputs: list[TokenOutput], finished: list[Sequence]) -> None:
+    def _decode_logits(self, rows: list[Sequence]) -> torch.Tensor:
+        tables, lengths = [], []
+        for seq in rows:
+            self.kv.append(seq.request_id)  # (reserved: cannot run out)
+            tables.append(self.kv.table(seq.request_id))
+            lengths.append(seq.length)
+        attention = DecodeAttention.build(self.kv, tables, lengths, self._attention_kernels, self.device)
         tokens = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)
-        positions = torch.tensor([s.length - 1 for s in rows], device=self.device)
+        positions = torch.tensor([n - 1 for n in lengths], device=self.device)
         key = (tuple(s.lora_slot for s in rows), self._bank_version)
         if self._decode_plan is None or self._decode_plan[0] != key:
             # the old plan's gathered rows stay valid for unchanged rows unless an adapter was loaded since
@@ -295,26 +310,43 @@ class LoraEngine:
             plan = self._lora_for(key[0], old)
             self._decode_plan = (key, plan) if plan is not None else None
         lora = self._decode_plan[1] if self._decode_plan else None
-        logits = self.runner.decode(tokens, positions, lora)
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        for seq, token, ok in zip(rows, sample(logits, rows), finite, strict=True):
-            if ok:
-                self._append(seq, token, outputs, finished)
-            else:
-                self._fail_poisoned(seq, outputs, finished)
+        return self.runner.decode(tokens, positions, lora, attention)
 
-    def _fail_poisoned(self, seq: Sequence, outputs: list[TokenOutput], finished: list[Sequence]) -> None:
+    def _take(self, plan: PrefillPlan | None, rows: list[Sequence], tokens: list[int], finite: list[bool],
+              outputs: list[TokenOutput]) -> None:  # fmt: skip
+        """Apply the step's sampled tokens: prefill chunks first (in plan order), then the decode rows."""
+        n = len(plan.chunks) if plan is not None else 0
+        for i, chunk in enumerate(plan.chunks if plan is not None else ()):
+            seq = chunk.seq
+            if seq.state is not State.PREFILL:
+                continue
+            if not finite[i]:
+                self._fail_poisoned(seq, outputs)
+            elif chunk.ends_prefill:
+                if seq.output_ids:  # recomputed after a preemption: its next token comes from decoding
+                    self._join_decode(seq)
+                    continue
+                seq.first_token_at = time.monotonic()
+                if not self._append(seq, tokens[i], outputs):
+                    self._join_decode(seq)
+        for seq, token, ok in zip(rows, tokens[n:], finite[n:], strict=True):
+            if seq.state is not State.DECODE:
+                continue
+            if ok:
+                self._append(seq, token, outputs)
+            else:
+                self._fail_poisoned(seq, outputs)
+
+    def _fail_poisoned(self, seq: Sequence, outputs: list[TokenOutput]) -> None:
         """Non-finite logits (overflow, e.g. an adapter with huge weights): end the request with an error and zero
-        its K/V, which the slot's next user reads behind its attention mask (0 * NaN = NaN would corrupt it)."""
-        self.kv.k[:, seq.kv_slot, :, : seq.length] = 0
-        self.kv.v[:, seq.kv_slot, :, : seq.length] = 0
+        its K/V blocks, so no non-finite value stays in the cache for their next user."""
+        self.kv.zero(seq.request_id)
         reason = f"the model produced non-finite values (adapter {seq.adapter_id or 'none'}); request aborted"
         outputs.append(TokenOutput(seq.request_id, None, "", True, "error", len(seq.prompt_ids),
                                    len(seq.output_ids), error=reason))  # fmt: skip
         self._finish(seq, "error")
-        finished.append(seq)
 
-    def _append(self, seq: Sequence, token: int, outputs: list[TokenOutput], finished: list[Sequence]) -> bool:
+    def _append(self, seq: Sequence, token: int, outputs: list[TokenOutput]) -> bool:
         """Record one sampled token; return True if the sequence finished."""
         self.generated_tokens += 1
         reason = None
@@ -331,38 +363,32 @@ class LoraEngine:
                 reason = "length"
         if reason:
             text += seq.detokenizer.flush()
-        out = TokenOutput.for_token(seq, token, text, reason, eos)
-        outputs.append(out)
+        outputs.append(TokenOutput.for_token(seq, token, text, reason, eos))
         if reason:
             self._finish(seq, reason)
-            finished.append(seq)
         return reason is not None
 
-    # -- slot bookkeeping -------------------------------------------------------------------------------------
+    # -- bookkeeping ------------------------------------------------------------------------------------------
     def _join_decode(self, seq: Sequence) -> None:
-        """Move a sequence that finished prefill to slot n_decode, the end of the contiguous decode block."""
-        target = self._n_decode
-        if seq.kv_slot != target:
-            other = self._slots[target]
-            if other is not None:  # another prefilling sequence: swap the two slots' caches
-                scratch_k = self.kv.k[:, target, :, : other.prefilled].clone()
-                scratch_v = self.kv.v[:, target, :, : other.prefilled].clone()
-                self.kv.move(seq.kv_slot, target, seq.length - 1)
-                self.kv.k[:, seq.kv_slot, :, : other.prefilled] = scratch_k
-                self.kv.v[:, seq.kv_slot, :, : other.prefilled] = scratch_v
-                other.kv_slot = seq.kv_slot
-                self._slots[other.kv_slot] = other
-            else:
-                self.kv.move(seq.kv_slot, target, seq.length - 1)
-                self._slots[seq.kv_slot] = None
-            seq.kv_slot = target
-            self._slots[target] = seq
         seq.state = State.DECODE
-        self._n_decode += 1
+        self._decode.append(seq)
+
+    def _leave(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch and free its KV blocks (no other sequence moves)."""
+        self.kv.free(seq.request_id)
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.state is State.DECODE and seq in self._decode:
+            row = self._decode.index(seq)
+            last = self._decode.pop()
+            if last is not seq:
+                self._decode[row] = last  # the last row takes the leaving row's place (decode plans stay valid)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.adapter_id and seq.state in (State.PREFILL, State.DECODE):
-            self.bank.release(seq.adapter_id)
+        if seq.state in (State.PREFILL, State.DECODE):
+            self._leave(seq)
+            if seq.adapter_id:
+                self.bank.release(seq.adapter_id)
         seq.state = State.FINISHED
         self._forget(seq)
 
@@ -373,22 +399,3 @@ class LoraEngine:
             self._unregister_when_idle.discard(adapter)
             self.adapters.pop(adapter, None)
             self.bank.evict(adapter)
-
-    def _compact(self, finished: list[Sequence]) -> None:
-        """Free the KV slots of finished sequences, keeping decode rows contiguous from slot 0."""
-        for seq in sorted(finished, key=lambda s: -s.kv_slot):
-            slot = seq.kv_slot
-            if slot < 0 or self._slots[slot] is not seq:
-                continue
-            if slot >= self._n_decode:  # still in prefill: outside the decode block
-                self._slots[slot] = None
-                continue
-            last = self._n_decode - 1
-            if slot != last:
-                mover = self._slots[last]
-                assert mover is not None
-                self.kv.move(last, slot, mover.length - 1)
-                mover.kv_slot = slot
-                self._slots[slot] = mover
-            self._slots[last] = None
-            self._n_decode -= 1

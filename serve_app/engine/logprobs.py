@@ -7,6 +7,8 @@ pass in tests/test_api_logprobs.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from serve_app.engine.sequence import Sequence, TopLogprobs
@@ -20,15 +22,26 @@ def top(logp: torch.Tensor, k: int) -> TopLogprobs:
     return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
-def note_chosen(logits: torch.Tensor, rows: list[int], seqs: list[Sequence], chosen: list[int]) -> None:
-    """Record on each sequence that asked (params.logprobs is not None) its chosen token's logprob and top-k."""
-    if not rows:
-        return
-    logp = torch.log_softmax(logits[rows].float(), dim=-1)
+def on_device(logits: torch.Tensor, rows: list[int], chosen: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """For rows `rows` of `logits` [N, V]: the chosen tokens' logprobs [n] and the top-k logprobs and ids [n, k],
+    still on the device (the sampler moves them to the host with everything else in one sync)."""
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    picked = logp.gather(1, chosen.index_select(0, index)[:, None])[:, 0]
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [picked, values, ids]
+
+
+def note_chosen(flat: list[float], rows: list[int], seqs: list[Any], width: int) -> None:
+    """Record on each sequence of `rows` its chosen token's logprob and top-k, from the host copy of `on_device`'s
+    tensors concatenated (`flat`; `width`: the top-k computed, min(k, vocabulary))."""
+    n = len(rows)
+    picked, values, ids = flat[:n], flat[n : n + n * width], flat[n + n * width : n + 2 * n * width]
     for i, row in enumerate(rows):
         seq = seqs[row]
-        seq.last_logprob = float(logp[i, chosen[row]])
-        seq.last_top = top(logp[i], seq.params.logprobs or 0)
+        want = min(seq.params.logprobs or 0, width)
+        seq.last_logprob = float(picked[i])
+        seq.last_top = [(int(ids[i * width + j]), float(values[i * width + j])) for j in range(want)]
 
 
 def note_prompt(seq: Sequence, logits: torch.Tensor, start: int) -> torch.Tensor:

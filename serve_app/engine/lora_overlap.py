@@ -35,6 +35,7 @@ import torch
 from adapters import native_lora
 from adapters.batched_lora import LoraBatch
 from adapters.lora_side_thread import SideWorker
+from serve_app.engine.attention import DecodeAttention, PrefillAttention
 from serve_app.engine.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -140,20 +141,26 @@ def _measure(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: 
 def _probe(runner: ModelRunner, rows: int, adapters: int, chunk: int, kernel: str,
            with_lora: bool) -> Callable[[], None]:  # fmt: skip
     """One decode step of `rows` rows and one prefill chunk of `chunk` tokens, on the engine's own (still empty)
-    KV slots and slot bank: the base alone, or with LoRA on every row (decode rows round-robin
+    paged KV cache and slot bank: the base alone, or with LoRA on every row (decode rows round-robin
     over `adapters` slots; zero weights cost what real ones do). A serving step minus the scheduling."""
-    device = runner.kv.k.device
+    kv = runner.kv
+    device = kv.k.device
+    position = min(chunk, kv.max_len - 1)
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
-    positions = torch.full((rows,), min(chunk, runner.kv.max_len - 1), dtype=torch.long, device=device)
-    prompt = torch.zeros(min(chunk, runner.kv.max_len), dtype=torch.long, device=device)
+    positions = torch.full((rows,), position, dtype=torch.long, device=device)
+    prompt = torch.zeros(min(chunk, kv.max_len), dtype=torch.long, device=device)
+    table = list(range(-(-kv.max_len // kv.block_size)))  # every row on the same blocks: a probe, nothing to keep
+    decode_attention = DecodeAttention.build(kv, [table] * rows, [position + 1] * rows, None, device)
+    prefill_attention = PrefillAttention.build(kv, [(table, 0, prompt.shape[0])], device)
     decode_plan = prefill_plan = None
     if with_lora:
         storage = runner.bank.storage
         decode_plan = LoraBatch(torch.tensor([1 + i % adapters for i in range(rows)], device=device), storage, kernel)
         prefill_plan = LoraBatch(torch.tensor([1], device=device), storage, kernel)
+    last = torch.tensor([prompt.shape[0] - 1], device=device)
 
     def probe() -> None:
-        runner.decode(tokens, positions, decode_plan)
-        runner.prefill(0, prompt, 0, prefill_plan)
+        runner.decode(tokens, positions, decode_plan, decode_attention)
+        runner.prefill(prompt, torch.arange(prompt.shape[0], device=device), prefill_plan, prefill_attention, last)
 
     return probe

@@ -3,7 +3,8 @@ batched-LoRA operator on all seven projections.
 
 It reuses the Hugging Face model's modules (embeddings, RMSNorms, linear layers — plain or bitsandbytes 4-bit —,
 rotary embedding, activation) so numerics match `transformers` and any loadable checkpoint works, but owns the
-loop: `decode` runs one token for every row (row i uses KV slot i), `prefill` runs one chunk of one prompt.
+loop: `decode` runs one token for every row, `prefill` runs prompt chunks of several sequences in one forward; both
+over the paged KV cache, through the step's attention plan (serve_app/engine/attention.py).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adapters.batched_lora import LoraBatch
 from adapters.lora_side_thread import SideWorker
 from adapters.slot_bank import GROUPS, LoraSlotBank
-from serve_app.engine.kv_cache import KVCache
+from serve_app.engine.attention import DecodeAttention, PrefillAttention
+from serve_app.engine.paged_kv import PagedKV
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -27,7 +28,7 @@ class UnsupportedModel(ValueError):
 
 
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVCache, bank: LoraSlotBank, side: SideWorker | None = None) -> None:
+    def __init__(self, model: Any, kv: PagedKV, bank: LoraSlotBank, side: SideWorker | None = None) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModel(
@@ -99,61 +100,32 @@ class ModelRunner:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h)).float()
 
-    # -- decode: one new token for rows 0..B-1 (row i = KV slot i) -------------------------------------------
+    # -- the two forwards of a step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        """tokens/positions [B] -> logits [B, V]. Each row's K/V is written at its position, then attends to
-        positions <= its own."""
-        rows = tokens.shape[0]
-        live = int(positions.max()) + 1
-        mask = (torch.arange(live, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        row_index = torch.arange(rows, device=tokens.device)
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora: LoraBatch | None,
+               attention: DecodeAttention) -> torch.Tensor:  # fmt: skip
+        """One new token per row: tokens/positions [B] -> logits [B, V]. Each row's K/V is written at its slot,
+        then it attends to its own live tokens (`attention`)."""
+        return self._forward(tokens, positions, lora, attention, None)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, lora: LoraBatch | None,
+                attention: PrefillAttention, logit_rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Prompt chunks of one or more sequences, concatenated: tokens/positions [T] -> logits [len(logit_rows), V]
+        of the tokens `logit_rows` (None: every token). `lora` has one slot per token."""
+        return self._forward(tokens, positions, lora, attention, logit_rows)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, lora: LoraBatch | None, attention,
+                 logit_rows: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        scale = self.scale
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache, v_cache = self.kv.k[index], self.kv.v[index]
-            # q/k/v arrive as [1, heads, B, d]: token n of the batch is row n.
-            k_cache[row_index, :, positions] = k[0].transpose(0, 1)
-            v_cache[row_index, :, positions] = v[0].transpose(0, 1)
-            query = q[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, d]
-            out = F.scaled_dot_product_attention(
-                query, k_cache[:rows, :, :live], v_cache[:rows, :, :live], attn_mask=mask, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )  # fmt: skip
-            return out.reshape(rows, self.num_heads * self.head_dim)
+            return attention(index, q, k, v, scale)
 
         h = self.embed(tokens)
         cos_sin = self._rope(h, positions)
-        self._side_rows = lora.side_rows(rows) if self.side is not None and lora is not None else None
-        for index in range(len(self.layers)):
-            h = self._layer(index, h, cos_sin, attend, lora)
-        return self._logits(h)
-
-    # -- prefill: one chunk of one prompt into one KV slot ---------------------------------------------------
-    @torch.inference_mode()
-    def prefill(
-        self, slot: int, tokens: torch.Tensor, start: int, lora: LoraBatch | None, all_logits: bool = False
-    ) -> torch.Tensor:
-        """tokens [C] at positions start..start+C-1 -> logits [V] of the last token ([C, V], every position's,
-        with `all_logits`: for prompt logprobs)."""
         count = tokens.shape[0]
-        end = start + count
-        positions = torch.arange(start, end, device=tokens.device)
-        causal = start == 0
-        mask = None if causal else torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
-
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_cache, v_cache = self.kv.k[index], self.kv.v[index]
-            k_cache[slot, :, start:end] = k[0]
-            v_cache[slot, :, start:end] = v[0]
-            out = F.scaled_dot_product_attention(
-                q, k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end], attn_mask=mask,
-                is_causal=causal, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
-            )  # fmt: skip
-            return out[0].transpose(0, 1).reshape(count, self.num_heads * self.head_dim)
-
-        h = self.embed(tokens)
-        cos_sin = self._rope(h, positions)
         self._side_rows = lora.side_rows(count) if self.side is not None and lora is not None else None
         for index in range(len(self.layers)):
             h = self._layer(index, h, cos_sin, attend, lora)
-        return self._logits(h) if all_logits else self._logits(h[-1:])[0]
+        return self._logits(h if logit_rows is None else h.index_select(0, logit_rows))

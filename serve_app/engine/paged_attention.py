@@ -1,5 +1,5 @@
 """Decode attention over a paged KV cache: a Triton kernel that reads only each row's live blocks, and the
-PyTorch reference it is checked against (building blocks for issue 22; the engine does not use them yet).
+PyTorch reference it is checked against (the engine's decode attention on CUDA: serve_app/engine/attention.py).
 
 Layout: k_cache / v_cache [num_blocks, block_size, kv_heads, head_dim]; a row's token at position p sits in block
 `tables[row, p // block_size]` at offset `p % block_size` (see `block_manager.BlockManager`). One query token per

@@ -1,8 +1,13 @@
-"""Next-token choice for a batch. Rows that need nothing per row (greedy, no penalties, no grammar) share one argmax;
-the others are processed one by one: logit bias, repetition / presence / frequency penalties, the JSON grammar's
-token mask (serve_app/engine/constraints.py), then greedy or temperature + top-k + top-p sampling with the
-request's own seeded generator (so `seed` reproduces a completion whatever else is in the batch). Logprobs of the
-chosen tokens are recorded from the raw logits (serve_app/engine/logprobs.py).
+"""Next-token choice for every row of a step, on the logits' device, with one host sync per step.
+
+Rows that need nothing per row (greedy, no penalties, no grammar) share one argmax. The others are processed one by
+one, still on the device: logit bias, repetition / presence / frequency penalties, the JSON grammar's token mask
+(serve_app/engine/constraints.py), then greedy, or temperature + top-k + top-p sampling by an exponential race
+(argmax of p / E with E ~ Exp(1) drawn by the request's own seeded generator on the device: a draw from p, so `seed`
+reproduces a completion whatever else is in the batch). Logprobs of the chosen tokens are computed from the raw
+logits (serve_app/engine/logprobs.py). Chosen ids, a finite flag per row and the logprobs travel to the host in one
+tensor: `.tolist()` once per step. Rows given as None are only checked for finite logits (a prefill chunk that does
+not end its prompt).
 """
 
 from __future__ import annotations
@@ -36,13 +41,13 @@ def _process(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return out
 
 
-def _draw(logits: torch.Tensor, seq: Sequence) -> int:
-    """Sample one token from a row's (processed) logits with temperature, top-k and top-p."""
+def _draw(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """Sample one token (a 0-d tensor on the logits' device) from a row's processed logits with temperature,
+    top-k and top-p; no host sync."""
     params: SamplingParams = seq.params
     # a tiny temperature (1e-300 becomes 0.0 in fp32) would give inf/NaN probabilities: floor it
     probs = torch.softmax(logits / max(params.temperature, MIN_TEMPERATURE), dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        return int(logits.argmax())  # NaN logits (e.g. an adapter with huge weights): argmax, not a failed batch
+    broken = ~torch.isfinite(probs).all()  # NaN logits (e.g. an adapter with huge weights): argmax, not a failure
     if params.top_k and params.top_k < probs.shape[0]:
         kth = probs.topk(params.top_k).values[-1]
         probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
@@ -51,24 +56,42 @@ def _draw(logits: torch.Tensor, seq: Sequence) -> int:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p
         keep[0] = True  # the top token, even for a top_p that is 0.0 in fp32 (5e-324 was a 500)
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    if seq.generator is None:
-        seq.generator = torch.Generator(device="cpu")
+        probs = torch.zeros_like(probs).scatter_(0, order, torch.where(keep, sorted_probs, 0.0))
+    if seq.generator is None or seq.generator.device != probs.device:
+        seq.generator = torch.Generator(device=probs.device)
         seq.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-    return int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
+    race = torch.empty_like(probs).exponential_(generator=seq.generator)
+    return torch.where(broken, logits.argmax(), (probs / race).argmax())
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [B, V] (any float dtype) -> one token id per row; advances each row's grammar by its token."""
+def sample(logits: torch.Tensor, seqs: list[Sequence | None]) -> tuple[list[int], list[bool]]:
+    """logits [N, V] (any float dtype) -> (one token id per row, whether the row's logits are all finite). Rows
+    whose sequence is None are not sampled (their id is the argmax, unused). Advances each sampled row's grammar by
+    its token and records its logprobs when asked. One host sync."""
     logits = logits.float()
-    chosen = logits.argmax(dim=-1).tolist()
+    chosen = logits.argmax(dim=-1)
+    finite = torch.isfinite(logits).all(dim=-1)
+    picked_rows, picked = [], []
     for row, seq in enumerate(seqs):
-        params = seq.params
-        if params.temperature <= 0 and not params.needs_processing:
+        if seq is None or (seq.params.temperature <= 0 and not seq.params.needs_processing):
             continue
-        row_logits = _process(logits[row], seq) if params.needs_processing else logits[row]
-        chosen[row] = int(row_logits.argmax()) if params.temperature <= 0 else _draw(row_logits, seq)
-        if seq.constraint is not None and not seq.constraint.done:
-            seq.constraint.accept(chosen[row])
-    logprobs.note_chosen(logits, [r for r, s in enumerate(seqs) if s.params.logprobs is not None], seqs, chosen)
-    return chosen
+        row_logits = _process(logits[row], seq) if seq.params.needs_processing else logits[row]
+        picked_rows.append(row)
+        picked.append(row_logits.argmax() if seq.params.temperature <= 0 else _draw(row_logits, seq))
+    if picked:
+        chosen = chosen.index_put((torch.tensor(picked_rows, device=chosen.device),), torch.stack(picked))
+    asked = [r for r, s in enumerate(seqs) if s is not None and s.params.logprobs is not None]
+    top_k = min(logits.shape[-1], max((seqs[r].params.logprobs or 0 for r in asked), default=0))  # type: ignore[union-attr]
+    parts = [chosen.double(), finite.double()]
+    if asked:
+        parts += [t.double().flatten() for t in logprobs.on_device(logits, asked, chosen, top_k)]
+    values = torch.cat(parts).tolist()  # the step's one host sync
+    rows = len(seqs)
+    tokens = [int(t) for t in values[:rows]]
+    ok = [bool(f) for f in values[rows : 2 * rows]]
+    if asked:
+        logprobs.note_chosen(values[2 * rows :], asked, seqs, top_k)
+    for seq, token in zip(seqs, tokens, strict=True):
+        if seq is not None and seq.constraint is not None and not seq.constraint.done:
+            seq.constraint.accept(token)
+    return tokens, ok

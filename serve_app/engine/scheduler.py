@@ -1,7 +1,8 @@
 """Admission: which waiting requests join the running batch at the next step.
 
 Rules, in order:
-  1. a free KV slot per admitted sequence (`max_running`);
+  1. room for one more running sequence (`max_running`), and free KV blocks for its prompt (`fits`): when the
+     oldest candidate does not fit, admission stops for this step (it is not overtaken by smaller prompts);
   2. at most `max_loras` distinct adapters running at once (they must fit the device slots), so when the cap binds
      requests for adapters already running are preferred: they batch with no new slot;
   3. fairness: one request per adapter queue per round-robin pass, so a hot adapter cannot crowd out the others;
@@ -26,8 +27,10 @@ class Scheduler:
         self._queues: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter key -> FIFO; order = round robin
         self.waiting_count = 0
 
-    def add(self, seq: Sequence) -> None:
-        self._queues.setdefault(seq.adapter_key, deque()).append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue a request; `front`: ahead of its adapter's queue (a preempted sequence, to be recomputed first)."""
+        queue = self._queues.setdefault(seq.adapter_key, deque())
+        queue.appendleft(seq) if front else queue.append(seq)
         self.waiting_count += 1
 
     def remove(self, request_id: str) -> Sequence | None:
@@ -53,9 +56,12 @@ class Scheduler:
         running_adapters: set[str],
         can_place: Callable[[str], bool],
         now: float | None = None,
+        fits: Callable[[Sequence], bool] | None = None,
+        on_admit: Callable[[Sequence], object] | None = None,
     ) -> list[Sequence]:
         """Pop and return the sequences to admit now. `running_adapters` excludes the base (''); `can_place(a)`
-        says whether adapter `a` could get a device slot (free, or an idle adapter to evict)."""
+        says whether adapter `a` could get a device slot (free, or an idle adapter to evict); `fits(seq)` whether
+        its KV blocks are free (False stops admission), `on_admit(seq)` takes them (before the next candidate)."""
         now = time.monotonic() if now is None else now
         admitted: list[Sequence] = []
         active = set(running_adapters)
@@ -76,7 +82,12 @@ class Scheduler:
                         continue
                     if not is_new and starving:
                         continue  # let running adapters drain so a starving one gets a slot
+                if fits is not None and not fits(queue[0]):
+                    return admitted  # out of KV blocks: nobody overtakes the candidate
+                if key:
                     active.add(key)
+                if on_admit is not None:
+                    on_admit(queue[0])
                 admitted.append(queue.popleft())
                 self.waiting_count -= 1
                 free_slots -= 1

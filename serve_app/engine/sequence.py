@@ -120,9 +120,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     state: State = State.WAITING
-    kv_slot: int = -1
     lora_slot: int = 0
-    prefilled: int = 0  # prompt tokens already in the KV cache
+    prefilled: int = 0  # tokens already in the KV cache (of `prefill_target`)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
@@ -136,6 +135,17 @@ class Sequence:
     def length(self) -> int:
         """Tokens whose K/V are (or are about to be) in the cache."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to prefill: the prompt; after a preemption (recomputation), prompt + output but its last token,
+        which the next decode step feeds."""
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of prompt + output."""
+        prompt = len(self.prompt_ids)
+        return self.prompt_ids[start:end] + self.output_ids[max(start - prompt, 0) : max(end - prompt, 0)]
 
     @property
     def adapter_key(self) -> str:
