@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import torch
+from cpu_engine import cpu_engine, write_adapters
 from peft_reference import chat_ids, engine_greedy, peft_greedy
 
-from adapters.random_adapter import write_random_adapter
 from serve_app.engine import EngineConfig, LoraEngine, SamplingParams
 
 PROMPTS = ["Hi", "What is 2+2?", "Tell me a story about a cat, a dog and a very small mouse.", "List three fruits.",
@@ -34,15 +34,7 @@ ADAPTERS = {"a": dict(rank=4, seed=11), "b": dict(rank=8, seed=12, targets=("q_p
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_shapes: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("paged-adapters")
-    return {name: write_random_adapter(root / name, tiny_shapes, **kw) for name, kw in ADAPTERS.items()}
-
-
-def _engine(base: Any, dirs: dict[str, Path], **config: Any) -> LoraEngine:
-    engine = LoraEngine(base, EngineConfig(**{"device": "cpu", "max_lora_rank": 16, "max_seq_len": 128,
-                                              "lora_overlap": "off", **config}))  # fmt: skip
-    for name, folder in dirs.items():
-        engine.register_adapter(name, folder)
-    return engine
+    return write_adapters(root, tiny_shapes, ADAPTERS)
 
 
 def _prefill_widths(engine: LoraEngine) -> list[int]:
@@ -78,9 +70,9 @@ def test_batched_prefill_equals_one_prompt_at_a_time(tiny_base: Any, adapter_dir
     assert len({len(ids) for ids, _ in requests}) == len(requests)
     for params in (SamplingParams(max_tokens=10, ignore_eos=True),
                    SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.8, top_p=0.9, seed=7)):  # fmt: skip
-        alone = _engine(tiny_base, adapter_dirs, max_running=1)
+        alone = cpu_engine(tiny_base, adapter_dirs, max_running=1)
         want = [_run(alone, [r], params)[0] for r in requests]
-        batched = _engine(tiny_base, adapter_dirs, max_running=8, prefill_chunk=16, prefill_token_budget=128)
+        batched = cpu_engine(tiny_base, adapter_dirs, max_running=8, prefill_chunk=16, prefill_token_budget=128)
         widths = _prefill_widths(batched)
         assert _run(batched, requests, params) == want
         assert max(widths) == len(requests)  # every prompt in one forward
@@ -94,7 +86,7 @@ def test_preemption_recomputes_with_identical_tokens_equal_to_peft(tiny_base: An
     names = [None, "a", "b", "c"]
     requests = [(chat_ids(tiny_base.tokenizer, p), names[(i + j) % 4]) for i, p in enumerate(PROMPTS[:4])
                 for j in range(2)]  # fmt: skip
-    engine = _engine(tiny_base, adapter_dirs, max_running=8, max_loras=3, num_kv_blocks=12, prefill_chunk=32,
+    engine = cpu_engine(tiny_base, adapter_dirs, max_running=8, max_loras=3, num_kv_blocks=12, prefill_chunk=32,
                      prefill_token_budget=96)  # fmt: skip
     max_new = 16
     want = peft_greedy(tiny_base, adapter_dirs, requests, max_new, engine.eos_ids)
@@ -107,7 +99,7 @@ def test_preemption_recomputes_with_identical_tokens_equal_to_peft(tiny_base: An
 def test_max_loras_and_fairness_hold_when_kv_blocks_bind(tiny_base: Any, adapter_dirs: dict[str, Path]) -> None:
     """A hot adapter with many queued requests does not crowd out the others, no step runs more than max_loras
     adapters, and an aborted request's blocks come back."""
-    engine = _engine(tiny_base, adapter_dirs, max_running=4, max_loras=2, num_kv_blocks=10)
+    engine = cpu_engine(tiny_base, adapter_dirs, max_running=4, max_loras=2, num_kv_blocks=10)
     ids = chat_ids(tiny_base.tokenizer, "Hello there")
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     for i in range(6):
@@ -132,7 +124,7 @@ def test_max_loras_and_fairness_hold_when_kv_blocks_bind(tiny_base: Any, adapter
 def test_a_decode_step_syncs_with_the_host_once(tiny_base: Any, adapter_dirs: dict[str, Path],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Mixed adapters, greedy and sampled rows, logprobs: one device-to-host transfer per decode step."""
-    engine = _engine(tiny_base, adapter_dirs, max_running=4)
+    engine = cpu_engine(tiny_base, adapter_dirs, max_running=4)
     ids = chat_ids(tiny_base.tokenizer, "Count to ten")
     engine.add_request("g", ids, SamplingParams(max_tokens=8, ignore_eos=True), "a")
     engine.add_request("s", ids, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, seed=3,

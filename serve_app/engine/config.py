@@ -3,11 +3,23 @@ scheduling knobs."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.base_models import DType
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """`EngineConfig.device` as a torch device ('auto': cuda if available, else cpu)."""
+    import torch  # (here: the config itself is read where torch is not imported)
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class EngineConfig(BaseModel):
@@ -62,9 +74,21 @@ class EngineConfig(BaseModel):
         "start-up against LoRA in place and kept if faster, taking one of PyTorch's threads "
         "(serve_app/engine/lora_overlap.py); on: always, PyTorch's threads left as they are; off: never",
     )
+    cuda_graphs: Literal["auto", "on", "off", "static_eager"] = Field(
+        "auto",
+        description="decode through one CUDA graph per padded batch size of a ladder (1, 2, 4, ... up to "
+        "cuda_graph_max_batch; serve_app/engine/decode_graphs.py): auto = on when the device is cuda and decode "
+        "attention is the Triton kernel, else off; on: requires cuda (a capture that fails logs a warning and the "
+        "engine decodes eagerly); static_eager: the graphs' static-buffer decode step run without capture (tests)",
+    )
+    cuda_graph_max_batch: int | None = Field(
+        None, ge=1, description="largest decode batch captured; larger batches decode eagerly. None = max_running"
+    )
 
     @model_validator(mode="after")
     def _check_kv(self) -> EngineConfig:
+        if self.cuda_graphs == "on" and self.device == "cpu":
+            raise ValueError("cuda_graphs 'on' needs a CUDA device; device is 'cpu'")
         if self.kv_block_size & (self.kv_block_size - 1):
             raise ValueError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
         need = -(-self.max_seq_len // self.kv_block_size)
@@ -77,6 +101,11 @@ class EngineConfig(BaseModel):
     def kv_blocks(self) -> int:
         """The paged KV cache's block count (`num_kv_blocks`, or enough for max_running full sequences)."""
         return self.num_kv_blocks or self.max_running * -(-self.max_seq_len // self.kv_block_size)
+
+    @property
+    def graph_max_batch(self) -> int:
+        """The largest decode batch size captured (`cuda_graph_max_batch`, at most max_running)."""
+        return min(self.cuda_graph_max_batch or self.max_running, self.max_running)
 
     @property
     def prefill_budget(self) -> int:

@@ -5,9 +5,10 @@ Each `step()` (1) admits waiting requests while `max_running` and the paged KV c
 (2) reserves a block for every decoding sequence's next token, preempting the youngest running sequences when
 blocks run out (they wait again and are recomputed: same tokens), (3) prefills chunks of several prompts in one
 forward within `prefill_token_budget` (`prefill_batch`), (4) runs one decode token for every decoding sequence
-together — whatever their adapters — through the batched-LoRA operator, and (5) samples every row on the device
-with one host sync (`sampler`). A sequence that finishes its prompt decodes from the next step. Finished sequences
-leave at once; their KV blocks return to the free list, nothing is copied (`paged_kv`).
+together — whatever their adapters — through the batched-LoRA operator (on CUDA: a CUDA graph replayed, see
+`decode_graphs`), and (5) samples every row on the device with one host sync (`sampler`). A sequence that finishes
+its prompt decodes from the next step. Finished sequences leave at once; their KV blocks return to the free list,
+nothing is copied (`paged_kv`).
 
 Plain Python: no Ray, no threads (see `async_engine` for the asyncio wrapper).
 
@@ -27,10 +28,10 @@ from adapters.base_models import LoadedBase, QuantizationConfig, load_base, torc
 from adapters.batched_lora import LoraBatch
 from adapters.lora_files import BaseShapes, LoraWeights, read_lora
 from adapters.slot_bank import LoraSlotBank
-from serve_app.engine import logprobs, lora_overlap
+from serve_app.engine import decode_graphs, logprobs, lora_overlap
 from serve_app.engine.attention import DecodeAttention, triton_kernels
 from serve_app.engine.block_manager import BlockManager
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.config import EngineConfig, resolve_device
 from serve_app.engine.constraints import GrammarError, Grammars
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.model_runner import ModelRunner
@@ -42,12 +43,6 @@ from serve_app.engine.scheduler import Scheduler
 from serve_app.engine.sequence import SamplingParams, Sequence, State, TokenOutput
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class LoraEngine:
@@ -65,9 +60,10 @@ class LoraEngine:
         self.shapes = BaseShapes.from_config(mc, base.fingerprint, base.name)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.max_seq_len = min(config.max_seq_len, getattr(mc, "max_position_embeddings", config.max_seq_len))
-        self.kv = PagedKV(mc.num_hidden_layers, config.kv_blocks, config.kv_block_size, mc.num_key_value_heads,
-                          head_dim, self.max_seq_len, dtype, self.device)  # fmt: skip
         self._attention_kernels = triton_kernels(self.device, config.decode_attention)
+        static_mode = decode_graphs.resolve_mode(config, self.device, self._attention_kernels is not None)
+        self.kv = PagedKV(mc.num_hidden_layers, config.kv_blocks, config.kv_block_size, mc.num_key_value_heads,
+                          head_dim, self.max_seq_len, dtype, self.device, scratch=static_mode != "off")  # fmt: skip
         self.bank = LoraSlotBank(self.shapes, config.max_loras, config.max_lora_rank, dtype, self.device)
         self.lora_kernel = config.lora_kernel
         if self.lora_kernel == "triton":  # CUDA, or CPU under the Triton interpreter (tests); else a clear error
@@ -97,6 +93,8 @@ class LoraEngine:
         self.steps = 0
         self.generated_tokens = 0
         self.preemptions = 0
+        self.static_decode = decode_graphs.build(static_mode, self.runner, self.kv, config, self._attention_kernels,
+                                                 self.lora_kernel)  # fmt: skip
 
     @classmethod
     def from_base_ref(
@@ -295,11 +293,12 @@ class LoraEngine:
         return logits.index_select(0, torch.tensor([c.last_row for c in plan.chunks], device=logits.device))
 
     def _decode_logits(self, rows: list[Sequence]) -> torch.Tensor:
-        tables, lengths = [], []
         for seq in rows:
             self.kv.append(seq.request_id)  # (reserved: cannot run out)
-            tables.append(self.kv.table(seq.request_id))
-            lengths.append(seq.length)
+        static = self.static_decode.run(rows) if self.static_decode is not None else None  # (decode_graphs)
+        if static is not None:  # static buffers: a CUDA graph replayed, or the same step eagerly
+            return static
+        tables, lengths = [self.kv.table(s.request_id) for s in rows], [s.length for s in rows]
         attention = DecodeAttention.build(self.kv, tables, lengths, self._attention_kernels, self.device)
         tokens = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)
         positions = torch.tensor([n - 1 for n in lengths], device=self.device)

@@ -21,13 +21,17 @@ from serve_app.engine.block_manager import BlockManager
 
 class PagedKV:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+                 max_len: int, dtype: torch.dtype, device: torch.device | str,
+                 scratch: bool = False) -> None:  # fmt: skip
+        """`scratch`: one more block past the managed ones (`scratch_block`), never handed out: the padded rows of a
+        static decode batch (serve_app/engine/decode_graphs.py) write and read there, never into a live block."""
+        shape = (num_layers, num_blocks + int(scratch), block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.block_size = block_size
         self.max_len = max_len  # one sequence's limit (prompt + output)
+        self.scratch_block: int | None = num_blocks if scratch else None
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s K and V as [num_blocks * block_size, kv_heads, head_dim] views (index = physical slot)."""
