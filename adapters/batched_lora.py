@@ -27,7 +27,7 @@ zeros (rows without an adapter). Each row carries a slot index. The operator is 
     each row's adapter in place; `auto` picks them on CUDA for mixed batches when triton imports
     (`triton_runtime`). Forced, they also run one-adapter plans (one SGMV segment); on CPU only under the Triton
     interpreter (tests).
-`choose_mode` picks between gather and grouped; `EngineConfig.lora_kernel` can force any path.
+`lora_modes.choose_mode` picks between gather and grouped; `EngineConfig.lora_kernel` can force any path.
 `lora_reference.shrink_reference` / `expand_reference` are the float64-checkable oracle for every path.
 
     python -m adapters.batched_lora        # self-check: every path against the per-row reference
@@ -37,32 +37,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from adapters import native_lora, triton_runtime
+from adapters import lora_modes, native_lora, triton_runtime
+from adapters.lora_modes import Kernel, Mode, choose_mode, native_runs, slot_count, triton_runs
 from adapters.lora_reference import expand_reference, shrink_reference
-
-Mode = Literal["none", "single", "gather", "grouped", "native", "triton"]
-Kernel = Literal["auto", "native", "gather", "grouped", "triton"]
-# `auto` groups when rows share adapters (at least this many adapter rows per distinct adapter) ...
-GROUP_WHEN_ROWS_PER_ADAPTER = 1.5
-# ... or when the per-row weight copies of a gather would exceed this size,
-GATHER_BUDGET_BYTES = 64 * 2**20
-# ... but only while padding every adapter to the busiest one's row count is at most this many rows per adapter
-# row (beyond that the grouped bmm mostly multiplies zeros).
-MAX_GROUPED_PADDING = 4.0
-
-
-def choose_mode(rows: int, adapter_rows: int, distinct: int, grouped_rows: int, slot_bytes: int | None) -> Mode:
-    """`gather` or `grouped` for a mixed batch: `rows` rows, `adapter_rows` of them on one of `distinct` adapters,
-    which `grouped` pads to `grouped_rows`; `slot_bytes` is one adapter's size in every layer (None: unknown)."""
-    if grouped_rows > MAX_GROUPED_PADDING * adapter_rows:
-        return "gather"
-    shared = adapter_rows >= GROUP_WHEN_ROWS_PER_ADAPTER * distinct
-    too_big = slot_bytes is not None and rows * slot_bytes > GATHER_BUDGET_BYTES
-    return "grouped" if shared or too_big else "gather"
 
 
 class LoraBatch:
@@ -101,8 +82,8 @@ class LoraBatch:
             self.mode = "single"
             self.slot = self.distinct[0]
             # small one-adapter chunks: one native call instead of a shrink and k expands (None: PyTorch only)
-            self._uniform = (native_lora.UniformRows(self.slot, num_slots=_slot_count(storage))
-                             if _native_runs(kernel, idx, storage) else None)  # fmt: skip
+            self._uniform = (native_lora.UniformRows(self.slot, num_slots=slot_count(storage))
+                             if native_runs(kernel, idx, storage) else None)  # fmt: skip
         else:
             self._lo = self.distinct[0]  # the grouped window: adapter slots lo..hi (base rows need no LoRA)
             self._span = self.distinct[-1] - self._lo + 1
@@ -113,14 +94,14 @@ class LoraBatch:
                 slot_bytes = storage.shape[1] * storage.element_size() if storage is not None else None
                 adapter_rows = self.rows - counts.get(0, 0)
                 self.mode = choose_mode(self.rows, adapter_rows, len(self.distinct), self._span * self._m, slot_bytes)
-                if _native_runs(kernel, idx, storage):
+                if native_runs(kernel, idx, storage):
                     self._torch_mode: Mode = self.mode  # what a fallback (unsupported tensors, autograd) uses
                     self.mode = "native"
-                    self._native = native_lora.RowOrder(slots, _slot_count(storage))  # (IndexError: a bad slot)
+                    self._native = native_lora.RowOrder(slots, slot_count(storage))  # (IndexError: a bad slot)
                     self._fallback_plan: LoraBatch | None = None
-            if self.mode == "grouped" and not _triton_runs(kernel, idx):
+            if self.mode == "grouped" and not triton_runs(kernel, idx):
                 self._grouped_positions(slots)
-        if self.mode != "none" and _triton_runs(kernel, idx, self.mode):
+        if self.mode != "none" and triton_runs(kernel, idx, self.mode):
             self._torch_mode, self.mode = self.mode, "triton"  # (the PyTorch plan: autograd, `delta`)
             self._triton = triton_runtime.load().TritonRows(slots, idx.device)  # type: ignore[union-attr]
             self._fallback_plan = None
@@ -190,7 +171,7 @@ class LoraBatch:
                 old.index_copy_(0, rows, storage.index_select(0, self.idx.index_select(0, rows)))
             self._rows_buffer = old
             return old[: self.rows]
-        room = max(self.rows, GATHER_BUDGET_BYTES // max(1, storage.shape[1] * storage.element_size()))
+        room = max(self.rows, lora_modes.GATHER_BUDGET_BYTES // max(1, storage.shape[1] * storage.element_size()))
         buffer = storage.new_empty(min(2 * self.rows, room), storage.shape[1])
         torch.index_select(storage, 0, self.idx, out=buffer[: self.rows])
         self._rows_buffer = buffer
@@ -335,29 +316,6 @@ class LoraBatch:
         self._buffers.clear()
         if self.mode in ("native", "triton") and self._fallback_plan is not None:
             self._fallback_plan.release()
-
-
-def _slot_count(storage: torch.Tensor | None) -> int | None:
-    """The slot bank's slot count (slot 0 included), which the native plans check their slots against."""
-    return None if storage is None else int(storage.shape[0])
-
-
-def _native_runs(kernel: str, idx: torch.Tensor, storage: torch.Tensor | None) -> bool:
-    """`native` asked for (or `auto` over a float32 slot bank), on CPU, and the kernel built."""
-    if kernel not in ("auto", "native") or idx.device.type != "cpu":
-        return False
-    if storage is None:
-        return kernel == "native" and native_lora.available()
-    return storage.dtype == torch.float32 and storage.device.type == "cpu" and native_lora.available()
-
-
-def _triton_runs(kernel: str, idx: torch.Tensor, mode: str = "") -> bool:
-    """`triton` asked for (raises if the kernels cannot run on idx's device), or `auto` on CUDA with triton for
-    a mixed batch (rows all on one adapter keep `single`: two plain GEMMs beat a one-segment SGMV)."""
-    if kernel == "triton":
-        triton_runtime.require(idx.device)
-        return True
-    return kernel == "auto" and mode != "single" and triton_runtime.auto_picks(idx.device)
 
 
 def apply_lora(

@@ -141,7 +141,7 @@ def test_slot_bank_tensors_are_views_of_one_slot_major_storage() -> None:
 
 def test_auto_picks_gather_for_small_adapters_and_grouped_for_big_ones(monkeypatch) -> None:
     from adapters import native_lora
-    from adapters.batched_lora import GATHER_BUDGET_BYTES, choose_mode
+    from adapters.lora_modes import GATHER_BUDGET_BYTES, choose_mode
 
     monkeypatch.setattr(native_lora, "available", lambda: False)  # the choice between the PyTorch paths
     big = GATHER_BUDGET_BYTES  # one adapter as big as the whole gather budget
