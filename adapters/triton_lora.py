@@ -171,6 +171,16 @@ class TritonRows:
             self._seg[self.rows] = torch.tensor(runs, dtype=torch.int32, device=self.device)
         self._idx = torch.tensor(slots, dtype=torch.int32, device=self.device) if self.kind == "bgmv" else None
 
+    @classmethod
+    def per_row(cls, idx: torch.Tensor) -> TritonRows:
+        """A BGMV plan over an int32 slot tensor already on the device (one slot per row; no host copy), e.g. a
+        static buffer a CUDA graph reads: its contents may change between calls, its length may not."""
+        if idx.dtype != torch.int32 or idx.dim() != 1:
+            raise ValueError(f"per_row needs a 1-d int32 slot tensor, got {idx.dtype} with shape {tuple(idx.shape)}")
+        plan = cls([0, 1], idx.device)  # two one-row runs: a BGMV plan
+        plan.rows, plan._idx = int(idx.shape[0]), idx
+        return plan
+
     def _segments(self, rows: int) -> tuple[torch.Tensor, int]:
         seg = self._seg.get(rows)
         if seg is None:

@@ -103,3 +103,14 @@ def test_engine_on_cuda_with_triton_kernels_equals_peft_token_for_token() -> Non
     result = engine_vs_peft("cuda")
     assert result["got"] == result["want"], f"first differing position per request: {result['first_diff']}"
     assert result["triton_applies"] > 0 and result["most_mixed"] >= 3
+
+
+def test_per_row_plan_reads_the_given_slot_tensor_and_refuses_other_dtypes() -> None:
+    """`TritonRows.per_row` (CUDA-graph decode's static slots): a BGMV plan over the caller's tensor, not a copy."""
+    from adapters.triton_lora import TritonRows
+
+    idx = torch.tensor([0, 3, 1], dtype=torch.int32)
+    plan = TritonRows.per_row(idx)
+    assert (plan.kind, plan.rows) == ("bgmv", 3) and plan._idx is idx
+    with pytest.raises(ValueError, match="1-d int32"):
+        TritonRows.per_row(idx.long())

@@ -81,9 +81,8 @@ class StaticLora:
         if triton:
             module = triton_runtime.load()
             assert module is not None
-            # a BGMV plan whose per-row slots are the static idx32 tensor (the two slots only make it pick BGMV)
-            self._triton = module.TritonRows([0, 1], idx32.device)
-            self._triton.rows, self._triton._idx = int(idx32.shape[0]), idx32
+            # a BGMV plan whose per-row slots are the static idx32 tensor
+            self._triton = module.TritonRows.per_row(idx32)
 
     def apply(self, x: torch.Tensor, a: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
               key: Any = None) -> None:  # fmt: skip
